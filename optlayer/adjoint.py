@@ -1,0 +1,155 @@
+"""Adjoint of the solution map of a cone program.
+
+For the cone program in SCS form
+
+    minimize c'x  subject to  Ax + s = b,  s in K      (dual: y in K*)
+
+let N = n + m + 1, Q = [[0, A', c], [-A, 0, b], [-c', -b', 0]] (skew),
+z = (x, y - s, 1) and Pi the projection onto R^n x K* x R_+. A solution is
+a zero of the residual map R(z) = ((Q - I) Pi + I) z; its derivative in z is
+
+    M = (Q - I) D + I,   D = DPi(z) = blockdiag(I_n, DPi_{K*}(y - s), 1),
+
+and in Q it is dQ Pi(z), with Pi(z) = (x, y, 1). So dz = -M^{-1} dQ Pi(z), and
+from z: dx = du - x dw, dy = DPi_{K*} dv - y dw, ds = dy - dv + y dw - s dw.
+
+The adjoint runs this backwards. For the cotangents (gx, gy, gs):
+
+    g = (gx, DPi_{K*} (gy + gs) - gs, -(x'gx + y'gy + s'gs)),
+    solve M' r = g,  r = (r_x, r_y, r_w),
+    dA = r_y x' - y r_x',   db = r_w y - r_y,   dc = r_w x - r_x.
+
+M is singular: M z = 0 and M' (x, y, 1) = 0 for every problem, since R is
+positively homogeneous. A component of r along (x, y, 1) leaves dA, db, dc
+unchanged, so the system is solved with the bordered matrix
+
+    [[M', z], [Pi(z)', 0]],
+
+which is nonsingular when those are the only null directions. When the
+problem is degenerate (more null directions) the bordered solve fails its
+residual check and a least-squares solve (minimum norm) is used instead.
+"""
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+from optlayer import cones
+
+# Below this size the system is solved densely; above it, by a sparse LU.
+DENSE_LIMIT = 400
+# Relative residual above which a solve is not trusted.
+RESIDUAL_TOL = 1e-7
+
+
+def _q_matrix(A, b, c):
+    """The skew-symmetric embedding matrix Q as a sparse CSC matrix."""
+    m, n = A.shape
+    b = b.reshape(-1, 1)
+    c = c.reshape(-1, 1)
+    return sp.bmat(
+        [
+            [None, A.T, c],
+            [-A, None, b],
+            [-c.T, -b.T, None],
+        ],
+        format="csc",
+    ) if n and m else _q_small(A, b, c)
+
+
+def _q_small(A, b, c):
+    """Q for degenerate sizes (no variables or no constraints)."""
+    m, n = A.shape
+    Q = np.zeros((n + m + 1, n + m + 1))
+    Q[:n, n:n + m] = A.T.toarray() if sp.issparse(A) else A.T
+    Q[n:n + m, :n] = -Q[:n, n:n + m].T
+    Q[:n, -1] = c.ravel()
+    Q[-1, :n] = -c.ravel()
+    Q[n:n + m, -1] = b.ravel()
+    Q[-1, n:n + m] = -b.ravel()
+    return sp.csc_matrix(Q)
+
+
+def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims):
+    """Gradients (dA values on A's pattern, db, dc) for one cone program.
+
+    Args:
+        A: the constraint matrix, CSC, with the pattern the values refer to.
+        b, c: the data vectors.
+        x, y, s: the primal-dual solution.
+        gx, gy, gs: cotangents of x, y and s.
+        dims: the cone K as a ``cones.ConeDims``.
+
+    Returns:
+        (dA_values, db, dc): dA_values[k] is the gradient for A.data[k].
+    """
+    m, n = A.shape
+    N = n + m + 1
+    v = y - s
+    Dk = cones.dproject(v, dims, dual=True)
+
+    # Cotangent of z.
+    g = np.concatenate([
+        gx,
+        Dk @ (gy + gs) - gs,
+        [-(x @ gx + y @ gy + s @ gs)],
+    ])
+    if not np.any(g):
+        return np.zeros(A.nnz), np.zeros(m), np.zeros(n)
+
+    D = sp.block_diag([sp.identity(n), Dk, sp.identity(1)], format="csc")
+    Q = _q_matrix(A, b, c)
+    # M' = D (Q' - I) + I = I - D (Q + I), as Q is skew-symmetric.
+    MT = sp.identity(N, format="csc") - D @ (Q + sp.identity(N))
+    z = np.concatenate([x, v, [1.0]])
+    pi = np.concatenate([x, y, [1.0]])
+    r = _solve_bordered(MT, z, pi, g)
+
+    rx, ry, rw = r[:n], r[n:n + m], r[-1]
+    rows = A.indices
+    cols = np.repeat(np.arange(n), np.diff(A.indptr))
+    dA = ry[rows] * x[cols] - y[rows] * rx[cols]
+    db = rw * y - ry
+    dc = rw * x - rx
+    return dA, db, dc
+
+
+def _solve_bordered(MT, z, pi, g):
+    """Solve M' r = g, removing the known null directions, robustly."""
+    N = MT.shape[0]
+    norm_g = np.linalg.norm(g)
+    if N <= DENSE_LIMIT:
+        Md = MT.toarray()
+        K = np.zeros((N + 1, N + 1))
+        K[:N, :N] = Md
+        K[:N, N] = z
+        K[N, :N] = pi
+        try:
+            sol = scipy.linalg.solve(K, np.append(g, 0.0), check_finite=False)
+            r = sol[:N]
+            if np.all(np.isfinite(r)) and (
+                np.linalg.norm(Md @ r - g) <= RESIDUAL_TOL * norm_g
+            ):
+                return r
+        except (np.linalg.LinAlgError, scipy.linalg.LinAlgWarning):
+            pass
+        # Degenerate: minimum-norm least squares.
+        r, *_ = np.linalg.lstsq(Md, g, rcond=1e-12)
+        return r
+    K = sp.bmat(
+        [[MT, sp.csc_matrix(z.reshape(-1, 1))],
+         [sp.csc_matrix(pi.reshape(1, -1)), None]],
+        format="csc",
+    )
+    try:
+        lu = spla.splu(K)
+        r = lu.solve(np.append(g, 0.0))[:N]
+        if np.all(np.isfinite(r)) and (
+            np.linalg.norm(MT @ r - g) <= RESIDUAL_TOL * norm_g
+        ):
+            return r
+    except RuntimeError:
+        pass
+    r = spla.lsqr(MT, g, atol=1e-14, btol=1e-14, iter_lim=20 * N)[0]
+    return r

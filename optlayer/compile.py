@@ -1,0 +1,410 @@
+"""Compile a DPP CVXPY problem once into affine maps to cone-program data.
+
+The compiled problem is a plain record of SciPy sparse matrices and index
+arrays. For the stacked parameter vector ``theta`` (each parameter flattened
+column-major, in the order the layer was given, with a trailing 1) the cone
+program in SCS form
+
+    minimize c'x  subject to  Ax + s = b,  s in K
+
+has data
+
+    c = T_c @ theta,   b = T_b @ theta,   A.data = T_A @ theta,
+
+where ``A`` keeps one fixed CSC sparsity pattern for every ``theta``. The
+requested outputs are linear functions of the solver's ``x`` (primal
+variables) or ``y`` (dual variables of constraints). Nothing of CVXPY is
+needed once this record is built.
+"""
+
+import dataclasses
+
+import cvxpy as cp
+from cvxpy.lin_ops.lin_op import CONSTANT_ID as _CONSTANT_ID
+import numpy as np
+import scipy.sparse as sp
+
+from optlayer.cones import ConeDims
+
+# The constraint types whose dual variables can be requested as outputs.
+# Their rows in the solver's ``y`` are found from the cone program.
+_SYMMETRIC = ("symmetric", "PSD", "NSD")
+_DUAL_CONE_TYPES = ("Zero", "NonNeg", "SOC", "SvecPSD", "ExpCone", "PowCone3D")
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """One requested output, ``value = R @ vec`` reshaped to ``shape``.
+
+    Attributes:
+        name: a printable name for messages.
+        source: ``"x"`` for primal variables, ``"y"`` for dual variables.
+        R: sparse (size, n) or (size, m) matrix.
+        shape: the CVXPY shape of the output (column-major flattening).
+    """
+
+    name: str
+    source: str
+    R: sp.csr_matrix
+    shape: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledProblem:
+    """A parametrized cone program in SCS form; see the module docstring.
+
+    Attributes:
+        n: number of solver variables.
+        m: number of constraint rows.
+        dims: the cone ``K``.
+        param_names: printable names of the parameters, in layer order.
+        param_shapes: their CVXPY shapes.
+        param_offsets: start of each parameter in ``theta``.
+        T_c: sparse (n, p + 1) map to ``c``.
+        T_b: sparse (m, p + 1) map to ``b``.
+        T_A: sparse (nnz, p + 1) map to the values of ``A``.
+        A_indices, A_indptr: the CSC pattern of ``A`` (m by n).
+        outputs: the requested outputs.
+        objective_offset: sparse (1, p + 1) map to the objective's constant.
+    """
+
+    n: int
+    m: int
+    dims: ConeDims
+    param_names: tuple
+    param_shapes: tuple
+    param_offsets: tuple
+    T_c: sp.csr_matrix
+    T_b: sp.csr_matrix
+    T_A: sp.csr_matrix
+    A_indices: np.ndarray
+    A_indptr: np.ndarray
+    outputs: tuple
+    objective_offset: sp.csr_matrix
+
+    @property
+    def num_params(self):
+        """Length of ``theta`` without the trailing 1."""
+        return int(self.T_c.shape[1]) - 1
+
+    @property
+    def A_is_constant(self):
+        """True when ``A`` does not depend on the parameters."""
+        return self.T_A[:, :-1].nnz == 0
+
+
+def _name(leaf):
+    """A printable name for a CVXPY leaf or constraint."""
+    try:
+        return leaf.name()
+    except (AttributeError, TypeError):
+        return str(leaf)
+
+
+def _check_arguments(problem, parameters, variables):
+    """Raise ValueError with a remedy for every malformed argument."""
+    if not isinstance(problem, cp.Problem):
+        raise ValueError(
+            f"problem must be a cvxpy.Problem, got {type(problem).__name__}."
+        )
+    if not problem.is_dpp():
+        raise ValueError(
+            "The problem is not DPP (disciplined parametrized programming). "
+            "Rewrite it so that parameters enter affinely, e.g. introduce a "
+            "variable pinned to a product of parameters; "
+            "problem.is_dcp(dpp=True) must return True."
+        )
+    parameters = list(parameters)
+    variables = list(variables)
+    problem_params = problem.parameters()
+    if not problem_params:
+        raise ValueError(
+            "The problem has no parameters, so the layer would have no "
+            "inputs. Declare the data that should vary as cvxpy.Parameter."
+        )
+    seen = set()
+    for i, param in enumerate(parameters):
+        if not isinstance(param, cp.Parameter):
+            raise ValueError(
+                f"parameters[{i}] must be a cvxpy.Parameter, "
+                f"got {type(param).__name__}."
+            )
+        if param.id in seen:
+            raise ValueError(
+                f"Parameter '{_name(param)}' is listed twice in parameters "
+                f"(again at position {i}); list each parameter once."
+            )
+        seen.add(param.id)
+    ids = {p.id for p in problem_params}
+    missing = [p for p in problem_params if p.id not in seen]
+    if missing:
+        names = ", ".join(f"'{_name(p)}'" for p in missing)
+        raise ValueError(
+            f"The problem's parameter(s) {names} are missing from "
+            "parameters; pass every parameter of the problem, in the order "
+            "the layer should take them."
+        )
+    for i, param in enumerate(parameters):
+        if param.id not in ids:
+            raise ValueError(
+                f"parameters[{i}] '{_name(param)}' does not appear in the "
+                "problem; pass only the problem's parameters."
+            )
+    if not variables:
+        raise ValueError("variables is empty; request at least one output.")
+    problem_vars = {v.id for v in problem.variables()}
+    for i, var in enumerate(variables):
+        if isinstance(var, cp.Variable):
+            if var.id not in problem_vars:
+                raise ValueError(
+                    f"variables[{i}] '{_name(var)}' does not appear in the "
+                    "problem; request only the problem's variables or the "
+                    "dual variables of its constraints."
+                )
+        elif not _owning_constraint(problem, var):
+            raise ValueError(
+                f"variables[{i}] must be a cvxpy.Variable of the problem or "
+                "a dual variable of one of its constraints "
+                "(constraint.dual_variables[0]), "
+                f"got {type(var).__name__} '{_name(var)}'."
+            )
+    return parameters, variables
+
+
+def _owning_constraint(problem, var):
+    """The constraint of ``problem`` whose dual variable ``var`` is."""
+    for constraint in problem.constraints:
+        for dual in constraint.dual_variables:
+            if dual is var:
+                return constraint
+    return None
+
+
+def _param_map(chain, parameters, param_prob):
+    """Sparse map S from the layer's theta to the canonical parameter vector.
+
+    Parameters with dimension-reducing attributes (symmetric, PSD, ...)
+    are replaced by smaller ones during canonicalization; the reductions'
+    ``param_forward`` gives the (linear) map, which is probed column by
+    column.
+    """
+    sizes = [p.size for p in parameters]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    rows, cols, vals = [], [], []
+    for param, offset in zip(parameters, offsets[:-1]):
+        for k in range(param.size):
+            delta = np.zeros(param.size)
+            delta[k] = 1.0
+            delta = delta.reshape(param.shape, order="F")
+            if any(param.attributes.get(a) for a in _SYMMETRIC):
+                # The layer reads a symmetric parameter through its
+                # symmetric part, so its gradient is symmetric too.
+                delta = (delta + delta.T) / 2
+            deltas = {param.id: delta}
+            for reduction in chain.reductions:
+                deltas = reduction.param_forward(deltas)
+            for pid, value in deltas.items():
+                col = param_prob.param_id_to_col[pid]
+                value = np.asarray(value, dtype=float).ravel(order="F")
+                nz = np.flatnonzero(value)
+                rows.extend(col + nz)
+                cols.extend(np.full(nz.size, offset + k))
+                vals.extend(value[nz])
+    total = param_prob.total_param_size
+    const_col = param_prob.param_id_to_col[_CONSTANT_ID] \
+        if _CONSTANT_ID in param_prob.param_id_to_col else total
+    rows.append(const_col)
+    cols.append(offsets[-1])
+    vals.append(1.0)
+    S = sp.csr_matrix(
+        (vals, (rows, cols)), shape=(total + 1, offsets[-1] + 1)
+    )
+    return S, tuple(int(o) for o in offsets[:-1])
+
+
+def _primal_output(chain, param_prob, var, n):
+    """The sparse map from the solver's x to the user's variable ``var``."""
+    inner = {}
+    for vid, col in param_prob.var_id_to_col.items():
+        inner[vid] = (col, param_prob.id_to_var[vid])
+    if var.id in inner and inner[var.id][1].shape == var.shape:
+        col = inner[var.id][0]
+        R = sp.csr_matrix(
+            (np.ones(var.size), (np.arange(var.size),
+                                 col + np.arange(var.size))),
+            shape=(var.size, n),
+        )
+        return R
+    # The variable was replaced during canonicalization; find the inner
+    # variables that the reductions map back onto it and probe the map.
+    rows, cols, vals = [], [], []
+    for vid, (col, inner_var) in inner.items():
+        for k in range(inner_var.size):
+            delta = np.zeros(inner_var.size)
+            delta[k] = 1.0
+            dvars = {vid: delta.reshape(inner_var.shape, order="F")}
+            for reduction in reversed(chain.reductions):
+                dvars = reduction.var_forward(dvars)
+            if var.id not in dvars:
+                break
+            value = np.asarray(dvars[var.id], dtype=float)
+            value = np.reshape(value, var.size, order="F")
+            nz = np.flatnonzero(value)
+            rows.extend(nz)
+            cols.extend(np.full(nz.size, col + k))
+            vals.extend(value[nz])
+    if not rows and var.size:
+        raise ValueError(
+            f"Variable '{_name(var)}' was eliminated during canonicalization "
+            "and cannot be recovered as an output."
+        )
+    return sp.csr_matrix((vals, (rows, cols)), shape=(var.size, n))
+
+
+def _constraint_rows(param_prob):
+    """Map inner constraint id -> (type name, first row, number of rows)."""
+    rows = {}
+    offset = 0
+    for ctype, constraints in param_prob.constr_map.items():
+        for constraint in constraints:
+            size = constraint.size
+            rows[constraint.id] = (ctype.__name__, offset, size)
+            offset += size
+    return rows, offset
+
+
+def _dual_output(chain, inverse_data, param_prob, problem, var, m, n):
+    """The sparse map from the solver's y to a constraint's dual variable."""
+    constraint = _owning_constraint(problem, var)
+    cid = constraint.id
+    for reduction in chain.reductions:
+        cid = getattr(reduction, "cons_id_map", {}).get(cid, cid)
+    rows_of, total = _constraint_rows(param_prob)
+    if total != m or cid not in rows_of:
+        raise ValueError(
+            f"The dual variable of constraint '{constraint}' cannot be "
+            "located in the canonical cone program."
+        )
+    ctype, start, size = rows_of[cid]
+    if ctype not in _DUAL_CONE_TYPES:
+        raise ValueError(
+            f"Dual variables of {ctype} constraints are not supported "
+            f"(constraint '{constraint}')."
+        )
+    # Recovery is linear in y: probe CVXPY's own inversion with unit
+    # vectors on this constraint's rows.
+    rows, cols, vals = [], [], []
+    for k in range(size):
+        y = np.zeros(m)
+        y[start + k] = 1.0
+        result = {
+            "x": np.zeros(n), "y": y, "s": np.zeros(m),
+            "info": {"status_val": 1, "solve_time": 0.0, "setup_time": 0.0,
+                     "iter": 0, "pobj": 0.0},
+        }
+        solution = chain.invert(result, inverse_data)
+        value = solution.dual_vars.get(constraint.id)
+        if value is None:
+            raise ValueError(
+                f"The dual variable of constraint '{constraint}' cannot be "
+                "recovered from the cone program."
+            )
+        value = np.reshape(np.asarray(value, dtype=float), var.size,
+                           order="F")
+        nz = np.flatnonzero(value)
+        rows.extend(nz)
+        cols.extend(np.full(nz.size, start + k))
+        vals.extend(value[nz])
+    return sp.csr_matrix((vals, (rows, cols)), shape=(var.size, m))
+
+
+def compile_problem(problem, parameters, variables):
+    """Compile ``problem`` into a :class:`CompiledProblem`.
+
+    Args:
+        problem: a DPP ``cvxpy.Problem``.
+        parameters: all of the problem's parameters, each once, in the order
+            the layer takes their values.
+        variables: the outputs: variables of the problem or dual variables
+            of its constraints (``constraint.dual_variables[0]``).
+
+    Raises:
+        ValueError: naming what to change, if the problem is not DPP, the
+            parameters are not exactly the problem's, or an output is not
+            part of the problem.
+    """
+    parameters, variables = _check_arguments(problem, parameters, variables)
+    data, chain, inverse_data = problem.get_problem_data(
+        cp.SCS, solver_opts={"use_quad_obj": False}
+    )
+    param_prob = data[cp.settings.PARAM_PROB]
+    n = int(param_prob.x.size)
+    S, offsets = _param_map(chain, parameters, param_prob)
+
+    # Objective: rows 0..n-1 of q are c, row n is the constant offset.
+    Tq = sp.csr_matrix(param_prob.q) @ S
+    T_c = sp.csr_matrix(Tq[:n])
+    T_offset = sp.csr_matrix(Tq[n:n + 1])
+
+    # Constraints: param_prob.A @ theta is [A_cvx | b_cvx] flattened
+    # column-major, with constraints A_cvx x + b_cvx in K. SCS form
+    # A x + s = b has A = -A_cvx, b = b_cvx.
+    TA_full = sp.csr_matrix(param_prob.A) @ S
+    m = TA_full.shape[0] // (n + 1)
+    T_b = sp.csr_matrix(TA_full[n * m:])
+    TA = sp.csr_matrix(-TA_full[:n * m])
+    TA.eliminate_zeros()
+    pattern = np.flatnonzero(np.diff(TA.indptr))  # column-major positions
+    T_A = sp.csr_matrix(TA[pattern])
+    rows, cols = pattern % m, pattern // m
+    A_indptr = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(A_indptr, cols + 1, 1)
+    A_indptr = np.cumsum(A_indptr)
+    A_indices = rows.astype(np.int64)
+
+    dims = ConeDims.from_scs(
+        _scs_cone_dict(data[cp.settings.PARAM_PROB].cone_dims)
+    )
+    if dims.size != m:
+        raise ValueError(
+            "Internal error: cone dimensions do not match the constraint "
+            f"rows ({dims.size} != {m})."
+        )
+
+    outputs = []
+    for var in variables:
+        if isinstance(var, cp.Variable):
+            R = _primal_output(chain, param_prob, var, n)
+            outputs.append(Output(_name(var), "x", R, tuple(var.shape)))
+        else:
+            R = _dual_output(chain, inverse_data, param_prob, problem, var,
+                             m, n)
+            outputs.append(Output(_name(var), "y", R, tuple(var.shape)))
+
+    return CompiledProblem(
+        n=n,
+        m=m,
+        dims=dims,
+        param_names=tuple(_name(p) for p in parameters),
+        param_shapes=tuple(tuple(p.shape) for p in parameters),
+        param_offsets=offsets,
+        T_c=T_c,
+        T_b=T_b,
+        T_A=T_A,
+        A_indices=A_indices,
+        A_indptr=A_indptr,
+        outputs=tuple(outputs),
+        objective_offset=T_offset,
+    )
+
+
+def _scs_cone_dict(cone_dims):
+    """SCS's cone dictionary for CVXPY's cone dimensions."""
+    return {
+        "z": int(cone_dims.zero),
+        "l": int(cone_dims.nonneg),
+        "q": [int(q) for q in cone_dims.soc],
+        "s": [int(s) for s in cone_dims.psd],
+        "ep": int(cone_dims.exp),
+        "p": [float(a) for a in cone_dims.p3d],
+    }

@@ -1,0 +1,408 @@
+"""The NumPy layer: batched forward solve and its vector-Jacobian product."""
+
+import concurrent.futures
+import logging
+import os
+
+import numpy as np
+
+from optlayer import adjoint as _adjoint
+from optlayer import solve as _solve
+from optlayer.compile import compile_problem
+
+logger = logging.getLogger("optlayer")
+
+# Attributes of a cvxpy.Parameter that restrict its values.
+_DOMAIN_ATTRIBUTES = ("nonneg", "pos", "nonpos", "neg", "symmetric", "PSD",
+                      "NSD")
+
+
+class Layer:
+    """A parametrized convex problem as a differentiable function.
+
+    The layer maps parameter values to the solution of ``problem`` and, by
+    :meth:`vjp` or :meth:`adjoint`, gradients of a loss on that solution back
+    to the parameters. It is compiled once, here; calls only touch NumPy,
+    SciPy and SCS.
+
+    Args:
+        problem: a DPP ``cvxpy.Problem``.
+        parameters: every ``cvxpy.Parameter`` of the problem, each once; the
+            layer takes their values in this order.
+        variables: the outputs: ``cvxpy.Variable`` objects of the problem or
+            dual variables of its constraints
+            (``constraint.dual_variables[0]``).
+        solver_options: settings passed to SCS, over the defaults
+            ``optlayer.solve.DEFAULT_SOLVER_OPTIONS`` (eps_abs = eps_rel =
+            1e-10, max_iters = 100000): tight, because gradients are only as
+            accurate as the solution they are taken at.
+        n_jobs: threads for the batch (default: the number of CPUs).
+        warm_start: start each solve from the previous call's solution when
+            the batch size is unchanged.
+
+    Inputs and batching: each value has the parameter's shape (unbatched,
+    shared by the whole batch) or one more leading dimension (batched). All
+    batched values must have the same batch size (a batch size of 1
+    broadcasts). Outputs carry the batch dimension if any input does.
+
+    Example:
+        >>> x = cp.Variable(2)
+        >>> a = cp.Parameter(2)
+        >>> prob = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0])
+        >>> layer = optlayer.Layer(prob, [a], [x])
+        >>> (sol,) = layer(np.array([1.0, -1.0]))      # ~ [1, 0]
+        >>> (grad,) = layer.vjp([np.array([1.0, -1.0])], [np.ones(2)])
+
+    Raises:
+        ValueError: at construction, if the problem is not DPP or the
+            parameters or variables do not match the problem; at call time,
+            for values of the wrong shape, non-finite values, or values
+            outside a parameter's declared domain.
+        optlayer.SolverError: if any solve in the batch fails.
+    """
+
+    def __init__(self, problem, parameters, variables, *,
+                 solver_options=None, n_jobs=None, warm_start=False):
+        self.problem = problem
+        self.parameters = tuple(parameters)
+        self.variables = tuple(variables)
+        self.compiled = compile_problem(problem, self.parameters,
+                                        self.variables)
+        options = dict(_solve.DEFAULT_SOLVER_OPTIONS)
+        options.update(solver_options or {})
+        self.solver_options = options
+        self.n_jobs = int(n_jobs) if n_jobs else (os.cpu_count() or 1)
+        self.warm_start = bool(warm_start)
+        self._last_solution = None
+        self._pool = None
+        cp_ = self.compiled
+        self._cone = cp_.dims.to_scs()
+        logger.debug("compiled problem: n=%d, m=%d, %d parameter entries",
+                     cp_.n, cp_.m, cp_.num_params)
+
+    # -- shapes ----------------------------------------------------------
+
+    @property
+    def param_shapes(self):
+        """The parameters' shapes (unbatched), in input order."""
+        return self.compiled.param_shapes
+
+    @property
+    def output_shapes(self):
+        """The outputs' shapes (unbatched), in output order."""
+        return tuple(o.shape for o in self.compiled.outputs)
+
+    def state_shapes(self, batch_size):
+        """Shapes of the arrays returned as ``state`` by :meth:`solve`."""
+        n, m = self.compiled.n, self.compiled.m
+        return ((batch_size, n), (batch_size, m), (batch_size, m))
+
+    def batch_size(self, *values):
+        """The batch size of the inputs, or None if none is batched.
+
+        Validates the shapes exactly like a call would.
+        """
+        values = self._as_arrays(values)
+        return self._batch_layout(values)[0]
+
+    # -- public calls ----------------------------------------------------
+
+    def __call__(self, *values):
+        """Solve for the given parameter values; return the outputs."""
+        return self.solve(*values)[0]
+
+    def solve(self, *values, warm_start=None):
+        """Solve the batch.
+
+        Args:
+            *values: one array per parameter.
+            warm_start: optional ``state`` of an earlier call with the same
+                batch size to start from.
+
+        Returns:
+            ``(outputs, state)``: ``outputs`` is a tuple with one array per
+            requested variable; ``state`` is the tuple ``(x, y, s)`` of the
+            solver's primal-dual solution, each of shape (batch, size), which
+            :meth:`adjoint` takes back.
+        """
+        values = self._as_arrays(values)
+        batch, batched, theta = self._prepare(values)
+        cp_ = self.compiled
+        C = theta @ cp_.T_c.T
+        Bv = theta @ cp_.T_b.T
+        Av = theta @ cp_.T_A.T
+        if warm_start is None and self.warm_start:
+            last = self._last_solution
+            if last is not None and last[0].shape[0] == batch:
+                warm_start = last
+        X, Y, S = self._solve_batch(Av, Bv, C, batched, warm_start)
+        if self.warm_start:
+            self._last_solution = (X, Y, S)
+        outputs = self._recover(X, Y, batched)
+        return outputs, (X, Y, S)
+
+    def adjoint(self, values, state, cotangents, needs_grad=None):
+        """Gradients of the parameters from cotangents of the outputs.
+
+        Args:
+            values: the parameter values the state was computed at.
+            state: the ``state`` returned by :meth:`solve`.
+            cotangents: one array (or None for zero) per output, shaped like
+                the outputs.
+            needs_grad: optional booleans, one per parameter; parameters
+                marked False get None instead of a gradient.
+
+        Returns:
+            A tuple with one gradient per parameter, shaped like its input
+            value (summed over the batch for unbatched inputs).
+        """
+        values = self._as_arrays(values)
+        batch, batched, theta = self._prepare(values)
+        cp_ = self.compiled
+        X, Y, S = (np.asarray(a, dtype=np.float64) for a in state)
+        gx = np.zeros((batch, cp_.n))
+        gy = np.zeros((batch, cp_.m))
+        for k, (out, cot) in enumerate(zip(cp_.outputs, cotangents)):
+            if cot is None:
+                continue
+            cot = np.asarray(cot, dtype=np.float64)
+            expected = ((batch,) + out.shape) if batched else out.shape
+            if cot.shape != expected:
+                raise ValueError(
+                    f"Cotangent {k} for output '{out.name}' has shape "
+                    f"{cot.shape}; expected {expected}."
+                )
+            flat = _vec_f(cot, batched).reshape(batch, -1)
+            if out.source == "x":
+                gx += (out.R.T @ flat.T).T
+            else:
+                gy += (out.R.T @ flat.T).T
+        gs = np.zeros_like(gy)
+
+        C = theta @ cp_.T_c.T
+        Bv = theta @ cp_.T_b.T
+        Av = theta @ cp_.T_A.T
+
+        def one(i):
+            A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
+                                  (cp_.m, cp_.n))
+            return _adjoint.adjoint_one(A, Bv[i], C[i], X[i], Y[i], S[i],
+                                        gx[i], gy[i], gs[i], cp_.dims)
+
+        results = self._map(one, range(batch))
+        dA = np.stack([r[0] for r in results])
+        db = np.stack([r[1] for r in results])
+        dc = np.stack([r[2] for r in results])
+        dtheta = dA @ cp_.T_A + db @ cp_.T_b + dc @ cp_.T_c
+        dtheta = np.asarray(dtheta)
+        return self._split_gradient(dtheta, values, batch, needs_grad)
+
+    def vjp(self, values, cotangents):
+        """Solve, then return the gradients for ``cotangents``."""
+        _, state = self.solve(*values)
+        return self.adjoint(values, state, cotangents)
+
+    # -- internals -------------------------------------------------------
+
+    def _map(self, fn, items):
+        items = list(items)
+        if self.n_jobs <= 1 or len(items) <= 1:
+            return [fn(i) for i in items]
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.n_jobs)
+        return list(self._pool.map(fn, items))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_pool"] = None
+        return state
+
+    def _solve_batch(self, Av, Bv, C, batched, warm_start):
+        cp_ = self.compiled
+        batch = C.shape[0]
+        options = self.solver_options
+        cone = self._cone
+
+        def one(i):
+            A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
+                                  (cp_.m, cp_.n))
+            warm = None
+            if warm_start is not None:
+                warm = tuple(np.array(w[i], dtype=np.float64)
+                             for w in warm_start)
+            return _solve.solve_one(A, Bv[i], C[i], cone, options, warm)
+
+        results = self._map(one, range(batch))
+        X = np.stack([r[0] for r in results]).reshape(batch, cp_.n)
+        Y = np.stack([r[1] for r in results]).reshape(batch, cp_.m)
+        S = np.stack([r[2] for r in results]).reshape(batch, cp_.m)
+        _solve.check_statuses([r[3] for r in results],
+                              [r[4] for r in results], batched)
+        return X, Y, S
+
+    def _recover(self, X, Y, batched):
+        outputs = []
+        batch = X.shape[0]
+        for out in self.compiled.outputs:
+            source = X if out.source == "x" else Y
+            flat = (out.R @ source.T).T
+            outputs.append(_unvec_f(flat, out.shape, batch, batched))
+        return tuple(outputs)
+
+    def _as_arrays(self, values):
+        if len(values) == 1 and isinstance(values[0], (list, tuple)) and \
+                len(self.parameters) != 1:
+            values = tuple(values[0])
+        if len(values) != len(self.parameters):
+            names = ", ".join(self.compiled.param_names)
+            raise ValueError(
+                f"Expected {len(self.parameters)} parameter values "
+                f"({names}), got {len(values)}."
+            )
+        arrays = []
+        for i, value in enumerate(values):
+            try:
+                arr = np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"Parameter {i} '{self.compiled.param_names[i]}': value "
+                    f"of type {type(value).__name__} cannot be converted to "
+                    "a float array."
+                ) from exc
+            arrays.append(arr)
+        return arrays
+
+    def _batch_layout(self, values):
+        """Validate shapes; return (batch size or None, batched flags)."""
+        names = self.compiled.param_names
+        flags = []
+        sizes = {}
+        for i, (arr, shape) in enumerate(zip(values, self.param_shapes)):
+            if arr.shape == shape:
+                flags.append(False)
+            elif arr.ndim == len(shape) + 1 and arr.shape[1:] == shape:
+                flags.append(True)
+                sizes[i] = arr.shape[0]
+            else:
+                raise ValueError(
+                    f"Parameter {i} '{names[i]}' has shape {arr.shape}; "
+                    f"expected {shape} (unbatched) or (batch, "
+                    f"{', '.join(map(str, shape))}) (batched)."
+                    .replace(", )", ")")
+                )
+        distinct = set(sizes.values()) - {1}
+        if len(distinct) > 1:
+            listing = ", ".join(f"'{names[i]}' (position {i}): {b}"
+                                for i, b in sizes.items())
+            raise ValueError(
+                "Batched parameters disagree on the batch size: "
+                f"{listing}. Use one batch size (1 broadcasts)."
+            )
+        if not sizes:
+            return None, flags
+        batch = distinct.pop() if distinct else 1
+        if batch == 0:
+            raise ValueError("The batch is empty (batch size 0).")
+        return batch, flags
+
+    def _prepare(self, values):
+        """Validate values; return (batch, batched, theta (batch, p + 1))."""
+        batch, flags = self._batch_layout(values)
+        batched = batch is not None
+        batch = batch or 1
+        names = self.compiled.param_names
+        for i, (arr, param) in enumerate(zip(values, self.parameters)):
+            if not np.all(np.isfinite(arr)):
+                bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+                where = ""
+                if flags[i]:
+                    elems = np.flatnonzero(~np.all(
+                        np.isfinite(arr.reshape(arr.shape[0], -1)), axis=1))
+                    where = f" in batch element(s) {elems.tolist()[:20]}"
+                raise ValueError(
+                    f"Parameter {i} '{names[i]}' has {bad} NaN or infinite "
+                    f"entr{'y' if bad == 1 else 'ies'}{where}."
+                )
+            _check_domain(i, names[i], param, arr, flags[i])
+        blocks = []
+        for arr, flag in zip(values, flags):
+            flat = _vec_f(arr, flag).reshape(arr.shape[0] if flag else 1, -1)
+            blocks.append(np.broadcast_to(flat, (batch, flat.shape[1])))
+        blocks.append(np.ones((batch, 1)))
+        theta = np.concatenate(blocks, axis=1)
+        return batch, batched, theta
+
+    def _split_gradient(self, dtheta, values, batch, needs_grad):
+        cp_ = self.compiled
+        grads = []
+        for i, (arr, shape, offset) in enumerate(
+                zip(values, cp_.param_shapes, cp_.param_offsets)):
+            if needs_grad is not None and not needs_grad[i]:
+                grads.append(None)
+                continue
+            size = int(np.prod(shape, dtype=int))
+            g = dtheta[:, offset:offset + size]
+            if arr.shape == shape:
+                grads.append(_unvec_f(g.sum(axis=0, keepdims=True), shape,
+                                      1, False))
+            else:
+                if arr.shape[0] != batch:
+                    g = g.sum(axis=0, keepdims=True)
+                grads.append(_unvec_f(g, shape, g.shape[0], True))
+        return tuple(grads)
+
+
+def _vec_f(arr, batched):
+    """Flatten column-major, per batch element if batched."""
+    if batched:
+        axes = (0,) + tuple(range(arr.ndim - 1, 0, -1))
+        return np.ascontiguousarray(arr.transpose(axes)).reshape(
+            arr.shape[0], -1)
+    return arr.reshape(-1, order="F")
+
+
+def _unvec_f(flat, shape, batch, batched):
+    """Inverse of _vec_f: (batch, size) -> (batch,) + shape or shape."""
+    rev = tuple(reversed(shape))
+    out = flat.reshape((batch,) + rev)
+    out = out.transpose((0,) + tuple(range(len(shape), 0, -1)))
+    out = np.ascontiguousarray(out)
+    return out if batched else out[0]
+
+
+def _check_domain(i, name, param, arr, batched):
+    """ValueError if values fall outside the parameter's declared domain."""
+    attrs = param.attributes
+    checks = {
+        "nonneg": (lambda a: a >= 0, "nonnegative"),
+        "pos": (lambda a: a > 0, "positive"),
+        "nonpos": (lambda a: a <= 0, "nonpositive"),
+        "neg": (lambda a: a < 0, "negative"),
+    }
+    for attr, (ok, word) in checks.items():
+        if attrs.get(attr) and not np.all(ok(arr)):
+            worst = arr[~ok(arr)].flat[0]
+            raise ValueError(
+                f"Parameter {i} '{name}' is declared {attr}=True but has "
+                f"entries that are not {word} (e.g. {worst:g})."
+            )
+    if any(attrs.get(a) for a in ("symmetric", "PSD", "NSD")):
+        mats = arr if batched else arr[None]
+        scale = 1.0 + np.max(np.abs(mats), initial=0.0)
+        asym = np.max(np.abs(mats - np.swapaxes(mats, -1, -2)), initial=0.0)
+        kind = next(a for a in ("PSD", "NSD", "symmetric") if attrs.get(a))
+        if asym > 1e-9 * scale:
+            raise ValueError(
+                f"Parameter {i} '{name}' is declared {kind}=True but its "
+                f"value is not symmetric (max |X - X'| = {asym:.3g})."
+            )
+        if kind in ("PSD", "NSD"):
+            eig = np.linalg.eigvalsh((mats + np.swapaxes(mats, -1, -2)) / 2)
+            extreme = eig.min() if kind == "PSD" else -eig.max()
+            if extreme < -1e-9 * scale:
+                word = "smallest" if kind == "PSD" else "largest"
+                raise ValueError(
+                    f"Parameter {i} '{name}' is declared {kind}=True but its "
+                    f"value has {word} eigenvalue "
+                    f"{eig.min() if kind == 'PSD' else eig.max():.3g}."
+                )
