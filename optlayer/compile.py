@@ -24,6 +24,7 @@ from cvxpy.lin_ops.lin_op import CONSTANT_ID as _CONSTANT_ID
 import numpy as np
 import scipy.sparse as sp
 
+from optlayer import presolve as _presolve
 from optlayer.cones import ConeDims
 
 # The constraint types whose dual variables can be requested as outputs.
@@ -41,12 +42,15 @@ class Output:
         source: ``"x"`` for primal variables, ``"y"`` for dual variables.
         R: sparse (size, n) or (size, m) matrix.
         shape: the CVXPY shape of the output (column-major flattening).
+        R_elim: for primal outputs, the sparse (size, n_e) map from the
+            eliminated variables ``w`` (see ``optlayer.presolve``).
     """
 
     name: str
     source: str
     R: sp.csr_matrix
     shape: tuple
+    R_elim: sp.csr_matrix | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +69,10 @@ class CompiledProblem:
         T_A: sparse (nnz, p + 1) map to the values of ``A``.
         A_indices, A_indptr: the CSC pattern of ``A`` (m by n).
         outputs: the requested outputs.
-        objective_offset: sparse (1, p + 1) map to the objective's constant.
+        objective_offset: sparse (1, p + 1) map to the objective's constant
+            (before presolve).
+        elim: the variables removed by the presolve; ``b`` of the solved
+            problem is ``T_b @ theta - A_e(theta) w(theta)``.
     """
 
     n: int
@@ -81,6 +88,7 @@ class CompiledProblem:
     A_indptr: np.ndarray
     outputs: tuple
     objective_offset: sp.csr_matrix
+    elim: _presolve.Elimination
 
     @property
     def num_params(self):
@@ -318,7 +326,7 @@ def _dual_output(chain, inverse_data, param_prob, problem, var, m, n):
     return sp.csr_matrix((vals, (rows, cols)), shape=(var.size, m))
 
 
-def compile_problem(problem, parameters, variables):
+def compile_problem(problem, parameters, variables, presolve=True):
     """Compile ``problem`` into a :class:`CompiledProblem`.
 
     Args:
@@ -327,6 +335,8 @@ def compile_problem(problem, parameters, variables):
             the layer takes their values.
         variables: the outputs: variables of the problem or dual variables
             of its constraints (``constraint.dual_variables[0]``).
+        presolve: eliminate variables pinned by equalities to affine
+            functions of the parameters (see ``optlayer.presolve``).
 
     Raises:
         ValueError: naming what to change, if the problem is not DPP, the
@@ -357,29 +367,63 @@ def compile_problem(problem, parameters, variables):
     pattern = np.flatnonzero(np.diff(TA.indptr))  # column-major positions
     T_A = sp.csr_matrix(TA[pattern])
     rows, cols = pattern % m, pattern // m
-    A_indptr = np.zeros(n + 1, dtype=np.int64)
-    np.add.at(A_indptr, cols + 1, 1)
-    A_indptr = np.cumsum(A_indptr)
-    A_indices = rows.astype(np.int64)
 
-    dims = ConeDims.from_scs(
-        _scs_cone_dict(data[cp.settings.PARAM_PROB].cone_dims)
-    )
+    dims = ConeDims.from_scs(_scs_cone_dict(param_prob.cone_dims))
     if dims.size != m:
         raise ValueError(
             "Internal error: cone dimensions do not match the constraint "
             f"rows ({dims.size} != {m})."
         )
 
-    outputs = []
+    raw_outputs = []
     for var in variables:
         if isinstance(var, cp.Variable):
             R = _primal_output(chain, param_prob, var, n)
-            outputs.append(Output(_name(var), "x", R, tuple(var.shape)))
+            raw_outputs.append((_name(var), "x", R, tuple(var.shape)))
         else:
             R = _dual_output(chain, inverse_data, param_prob, problem, var,
                              m, n)
-            outputs.append(Output(_name(var), "y", R, tuple(var.shape)))
+            raw_outputs.append((_name(var), "y", R, tuple(var.shape)))
+
+    p1 = T_A.shape[1]
+    if presolve:
+        protected = set()
+        for _, source, R, _ in raw_outputs:
+            if source == "y":
+                protected.update(np.flatnonzero(np.diff(
+                    sp.csc_matrix(R).indptr)).tolist())
+        pinned, pin_rows = _presolve.find_pinned(
+            n, dims.zero, T_b, T_A, rows, cols, protected)
+    else:
+        pinned, pin_rows = {}, []
+    if pinned:
+        elim, T_b, T_A, rows, cols = _presolve.eliminate(
+            n, m, T_b, T_A, rows, cols, pinned, pin_rows)
+        T_c = sp.csr_matrix(T_c[elim.keep_cols])
+        dims = dataclasses.replace(dims, zero=dims.zero - len(pin_rows))
+        n, m = elim.keep_cols.size, elim.keep_rows.size
+    else:
+        elim = _presolve.no_elimination(n, m, p1)
+
+    outputs = []
+    for name, source, R, shape in raw_outputs:
+        R = sp.csc_matrix(R)
+        if source == "x":
+            outputs.append(Output(name, "x", sp.csr_matrix(R[:, elim.keep_cols]),
+                                  shape,
+                                  sp.csr_matrix(R[:, elim.elim_cols])))
+        else:
+            outputs.append(Output(name, "y", sp.csr_matrix(R[:, elim.keep_rows]),
+                                  shape, None))
+
+    # CSC pattern of the kept A, values ordered column by column.
+    order = np.lexsort((rows, cols))
+    T_A = sp.csr_matrix(T_A[order])
+    rows, cols = rows[order], cols[order]
+    A_indptr = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(A_indptr, cols + 1, 1)
+    A_indptr = np.cumsum(A_indptr)
+    A_indices = rows.astype(np.int64)
 
     return CompiledProblem(
         n=n,
@@ -395,6 +439,7 @@ def compile_problem(problem, parameters, variables):
         A_indptr=A_indptr,
         outputs=tuple(outputs),
         objective_offset=T_offset,
+        elim=elim,
     )
 
 

@@ -5,6 +5,7 @@ import logging
 import os
 
 import numpy as np
+import scipy.sparse as sp
 
 from optlayer import adjoint as _adjoint
 from optlayer import solve as _solve
@@ -39,6 +40,9 @@ class Layer:
         n_jobs: threads for the batch (default: the number of CPUs).
         warm_start: start each solve from the previous call's solution when
             the batch size is unchanged.
+        presolve: eliminate variables pinned by an equality to an affine
+            function of the parameters before solving (see
+            ``optlayer.presolve``); the results are the same either way.
 
     Inputs and batching: each value has the parameter's shape (unbatched,
     shared by the whole batch) or one more leading dimension (batched). All
@@ -62,12 +66,14 @@ class Layer:
     """
 
     def __init__(self, problem, parameters, variables, *,
-                 solver_options=None, n_jobs=None, warm_start=False):
+                 solver_options=None, n_jobs=None, warm_start=False,
+                 presolve=True):
         self.problem = problem
         self.parameters = tuple(parameters)
         self.variables = tuple(variables)
         self.compiled = compile_problem(problem, self.parameters,
-                                        self.variables)
+                                        self.variables, presolve=presolve)
+        # Whether the solver's matrix A is the same for every theta.
         options = dict(_solve.DEFAULT_SOLVER_OPTIONS)
         options.update(solver_options or {})
         self.solver_options = options
@@ -77,6 +83,15 @@ class Layer:
         self._pool = None
         cp_ = self.compiled
         self._cone = cp_.dims.to_scs()
+        elim = cp_.elim
+        nnz_e = elim.Ae_rows.size
+        # Scatter matrices for the bilinear term A_e(theta) w(theta).
+        self._to_rows = sp.csr_matrix(
+            (np.ones(nnz_e), (elim.Ae_rows, np.arange(nnz_e))),
+            shape=(cp_.m, nnz_e))
+        self._to_cols = sp.csr_matrix(
+            (np.ones(nnz_e), (np.arange(nnz_e), elim.Ae_cols)),
+            shape=(nnz_e, elim.size))
         logger.debug("compiled problem: n=%d, m=%d, %d parameter entries",
                      cp_.n, cp_.m, cp_.num_params)
 
@@ -127,10 +142,7 @@ class Layer:
         """
         values = self._as_arrays(values)
         batch, batched, theta = self._prepare(values)
-        cp_ = self.compiled
-        C = theta @ cp_.T_c.T
-        Bv = theta @ cp_.T_b.T
-        Av = theta @ cp_.T_A.T
+        Av, Bv, C, w, _ = self._data(theta)
         if warm_start is None and self.warm_start:
             last = self._last_solution
             if last is not None and last[0].shape[0] == batch:
@@ -138,7 +150,7 @@ class Layer:
         X, Y, S = self._solve_batch(Av, Bv, C, batched, warm_start)
         if self.warm_start:
             self._last_solution = (X, Y, S)
-        outputs = self._recover(X, Y, batched)
+        outputs = self._recover(X, Y, w, batched)
         return outputs, (X, Y, S)
 
     def adjoint(self, values, state, cotangents, needs_grad=None):
@@ -162,6 +174,7 @@ class Layer:
         X, Y, S = (np.asarray(a, dtype=np.float64) for a in state)
         gx = np.zeros((batch, cp_.n))
         gy = np.zeros((batch, cp_.m))
+        gw = np.zeros((batch, cp_.elim.size))
         for k, (out, cot) in enumerate(zip(cp_.outputs, cotangents)):
             if cot is None:
                 continue
@@ -175,13 +188,13 @@ class Layer:
             flat = _vec_f(cot, batched).reshape(batch, -1)
             if out.source == "x":
                 gx += (out.R.T @ flat.T).T
+                if cp_.elim.size:
+                    gw += (out.R_elim.T @ flat.T).T
             else:
                 gy += (out.R.T @ flat.T).T
         gs = np.zeros_like(gy)
 
-        C = theta @ cp_.T_c.T
-        Bv = theta @ cp_.T_b.T
-        Av = theta @ cp_.T_A.T
+        Av, Bv, C, w, vals_e = self._data(theta)
 
         def one(i):
             A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
@@ -194,6 +207,12 @@ class Layer:
         db = np.stack([r[1] for r in results])
         dc = np.stack([r[2] for r in results])
         dtheta = dA @ cp_.T_A + db @ cp_.T_b + dc @ cp_.T_c
+        if cp_.elim.size:
+            # Chain rule through b = T_b theta - A_e(theta) w(theta).
+            dbe = (self._to_rows.T @ db.T).T       # db at each A_e value
+            d_vals = -dbe * (self._to_cols @ w.T).T
+            gw = gw - (self._to_cols.T @ (dbe * vals_e).T).T
+            dtheta = dtheta + d_vals @ cp_.elim.T_Ae + gw @ cp_.elim.W_map
         dtheta = np.asarray(dtheta)
         return self._split_gradient(dtheta, values, batch, needs_grad)
 
@@ -203,6 +222,20 @@ class Layer:
         return self.adjoint(values, state, cotangents)
 
     # -- internals -------------------------------------------------------
+
+    def _data(self, theta):
+        """Cone data for the batch: (A values, b, c, w, A_e values)."""
+        cp_ = self.compiled
+        C = np.asarray(cp_.T_c @ theta.T).T
+        Bv = np.asarray(cp_.T_b @ theta.T).T
+        Av = np.asarray(cp_.T_A @ theta.T).T
+        elim = cp_.elim
+        w = np.asarray(elim.W_map @ theta.T).T
+        vals_e = np.asarray(elim.T_Ae @ theta.T).T
+        if elim.size:
+            contrib = vals_e * (self._to_cols @ w.T).T
+            Bv = Bv - (self._to_rows @ contrib.T).T
+        return Av, Bv, C, w, vals_e
 
     def _map(self, fn, items):
         items = list(items)
@@ -240,12 +273,14 @@ class Layer:
                               [r[4] for r in results], batched)
         return X, Y, S
 
-    def _recover(self, X, Y, batched):
+    def _recover(self, X, Y, w, batched):
         outputs = []
         batch = X.shape[0]
         for out in self.compiled.outputs:
             source = X if out.source == "x" else Y
             flat = (out.R @ source.T).T
+            if out.source == "x" and self.compiled.elim.size:
+                flat = flat + (out.R_elim @ w.T).T
             outputs.append(_unvec_f(flat, out.shape, batch, batched))
         return tuple(outputs)
 
