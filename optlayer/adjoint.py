@@ -153,3 +153,130 @@ def _solve_bordered(MT, z, pi, g):
         pass
     r = spla.lsqr(MT, g, atol=1e-14, btol=1e-14, iter_lim=20 * N)[0]
     return r
+
+
+# -- batched dense path ------------------------------------------------------
+#
+# For small programs (N up to a few hundred) the per-element sparse
+# machinery costs more than the arithmetic. The same formulas are then
+# evaluated for a whole chunk of the batch with stacked dense arrays.
+
+
+def _dual_jacobian_stack(V, dims):
+    """DPi_{K*} for each row of V: (diagonal part, [(start, stop, blocks)]).
+
+    The zero and nonnegative cones give a diagonal; every other cone a dense
+    (B, k, k) block.
+    """
+    B = V.shape[0]
+    z, l = dims.zero, dims.nonneg
+    diag = np.concatenate(
+        [np.ones((B, z)), (V[:, z:z + l] > 0).astype(float)], axis=1
+    )
+    blocks = []
+    for kind, i, j, param in cones._blocks(dims):
+        Vb = V[:, i:j]
+        if kind == "soc":
+            D = cones._dproj_soc_stack(Vb)
+        elif kind == "psd":
+            D = cones._dproj_psd_stack(Vb)
+        elif kind == "exp":
+            D = np.stack([np.eye(3) - cones.dproj_exp(-v) for v in Vb])
+        else:
+            D = np.stack([np.eye(3) - cones.dproj_pow(-v, param)
+                          for v in Vb])
+        blocks.append((i, j, D))
+    return diag, blocks
+
+
+def _apply_stack(diag, blocks, Z):
+    """Apply the stacked block-diagonal Jacobian to Z (B, m) or (B, m, k)."""
+    out = np.empty_like(Z)
+    zl = diag.shape[1]
+    if Z.ndim == 2:
+        out[:, :zl] = diag * Z[:, :zl]
+        for i, j, D in blocks:
+            out[:, i:j] = np.einsum("bij,bj->bi", D, Z[:, i:j])
+    else:
+        out[:, :zl] = diag[:, :, None] * Z[:, :zl]
+        for i, j, D in blocks:
+            out[:, i:j] = D @ Z[:, i:j]
+    return out
+
+
+def stack_q_plus_i(Av, rows, cols, Bv, C, n, m):
+    """Q + I for each element of a batch, as a (B, N, N) array."""
+    B = Av.shape[0]
+    N = n + m + 1
+    QI = np.zeros((B, N, N))
+    QI[:, n + rows, cols] = -Av
+    QI[:, cols, n + rows] = Av
+    QI[:, :n, -1] = C
+    QI[:, -1, :n] = -C
+    QI[:, n:n + m, -1] = Bv
+    QI[:, -1, n:n + m] = -Bv
+    idx = np.arange(N)
+    QI[:, idx, idx] += 1.0
+    return QI
+
+
+def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims):
+    """The adjoint for a chunk of the batch, with stacked dense arrays.
+
+    Args:
+        Av: (B, nnz) values of A at positions (rows, cols).
+        Bv, C: (B, m) and (B, n) data.
+        X, Y, S: (B, n), (B, m), (B, m) solutions.
+        GX, GY, GS: cotangents shaped like X, Y, S.
+        dims: the cone.
+
+    Returns:
+        (dA (B, nnz), db (B, m), dc (B, n)).
+    """
+    B, n = X.shape
+    m = Y.shape[1]
+    N = n + m + 1
+    diag, blocks = _dual_jacobian_stack(Y - S, dims)
+
+    g = np.empty((B, N))
+    g[:, :n] = GX
+    g[:, n:n + m] = _apply_stack(diag, blocks, GY + GS) - GS
+    g[:, -1] = -(np.einsum("bi,bi->b", X, GX) + np.einsum("bi,bi->b", Y, GY)
+                 + np.einsum("bi,bi->b", S, GS))
+
+    QI = stack_q_plus_i(Av, rows, cols, Bv, C, n, m)
+    idx = np.arange(N)
+    # M' = I - D (Q + I): D is the identity on the x rows and the last row.
+    MT = -QI
+    MT[:, n:n + m] = -_apply_stack(diag, blocks, QI[:, n:n + m])
+    MT[:, idx, idx] += 1.0
+
+    # Bordered system [[M', z], [Pi(z)', 0]] removes the known null
+    # directions z and Pi(z) = (x, y, 1).
+    K = np.zeros((B, N + 1, N + 1))
+    K[:, :N, :N] = MT
+    K[:, :n, N] = X
+    K[:, n:n + m, N] = Y - S
+    K[:, N - 1, N] = 1.0
+    K[:, N, :n] = X
+    K[:, N, n:n + m] = Y
+    K[:, N, N - 1] = 1.0
+    rhs = np.zeros((B, N + 1))
+    rhs[:, :N] = g
+    r = np.full((B, N), np.nan)
+    try:
+        r = np.linalg.solve(K, rhs[..., None])[:, :N, 0]
+    except np.linalg.LinAlgError:
+        pass  # at least one is exactly singular: all are checked below
+    residual = np.linalg.norm(np.einsum("bij,bj->bi", MT, r) - g, axis=1)
+    scale = np.linalg.norm(g, axis=1)
+    bad = ~(residual <= RESIDUAL_TOL * scale)
+    for b in np.flatnonzero(bad):
+        # Degenerate program: minimum-norm least squares.
+        r[b], *_ = np.linalg.lstsq(MT[b], g[b], rcond=1e-12)
+
+    rx, ry, rw = r[:, :n], r[:, n:n + m], r[:, -1:]
+    dA = ry[:, rows] * X[:, cols] - Y[:, rows] * rx[:, cols]
+    db = rw * Y - ry
+    dc = rw * X - rx
+    return dA, db, dc

@@ -3,17 +3,24 @@
 import concurrent.futures
 import logging
 import os
+import threading
 
 import numpy as np
 import scipy.sparse as sp
 
 from optlayer import adjoint as _adjoint
+from optlayer import refine as _refine
 from optlayer import solve as _solve
 from optlayer.compile import compile_problem
 
 logger = logging.getLogger("optlayer")
 
 # Attributes of a cvxpy.Parameter that restrict its values.
+# A refined solution is accepted at this relative KKT residual.
+_REFINE_ACCEPT = 1e-9
+# Memory for one chunk of the stacked dense adjoint.
+_DENSE_CHUNK_BYTES = 64 * 2**20
+
 _DOMAIN_ATTRIBUTES = ("nonneg", "pos", "nonpos", "neg", "symmetric", "PSD",
                       "NSD")
 
@@ -43,6 +50,12 @@ class Layer:
         presolve: eliminate variables pinned by an equality to an affine
             function of the parameters before solving (see
             ``optlayer.presolve``); the results are the same either way.
+        refine: polish each solution by Newton steps on the cone program's
+            residual map (``optlayer.refine``) to a relative KKT residual of
+            about 1e-12, for programs small enough for dense linear
+            algebra. SCS then only needs to reach 1e-6 (the default
+            eps_abs/eps_rel in this mode); an element that does not refine
+            is solved again by SCS at 1e-10.
 
     Inputs and batching: each value has the parameter's shape (unbatched,
     shared by the whole batch) or one more leading dimension (batched). All
@@ -67,22 +80,30 @@ class Layer:
 
     def __init__(self, problem, parameters, variables, *,
                  solver_options=None, n_jobs=None, warm_start=False,
-                 presolve=True):
+                 presolve=True, refine=True):
         self.problem = problem
         self.parameters = tuple(parameters)
         self.variables = tuple(variables)
         self.compiled = compile_problem(problem, self.parameters,
                                         self.variables, presolve=presolve)
         # Whether the solver's matrix A is the same for every theta.
+        cp_ = self.compiled
+        N = cp_.n + cp_.m + 1
+        self.refine = bool(refine) and N <= _adjoint.DENSE_LIMIT
         options = dict(_solve.DEFAULT_SOLVER_OPTIONS)
+        if self.refine:
+            options.update(_solve.REFINED_SOLVER_OPTIONS)
         options.update(solver_options or {})
         self.solver_options = options
+        self._user_options = dict(solver_options or {})
         self.n_jobs = int(n_jobs) if n_jobs else (os.cpu_count() or 1)
         self.warm_start = bool(warm_start)
         self._last_solution = None
         self._pool = None
+        self._local = threading.local()
         cp_ = self.compiled
         self._cone = cp_.dims.to_scs()
+        self._A_constant = cp_.A_is_constant and cp_.m > 0 and cp_.n > 0
         elim = cp_.elim
         nnz_e = elim.Ae_rows.size
         # Scatter matrices for the bilinear term A_e(theta) w(theta).
@@ -196,16 +217,36 @@ class Layer:
 
         Av, Bv, C, w, vals_e = self._data(theta)
 
-        def one(i):
-            A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
-                                  (cp_.m, cp_.n))
-            return _adjoint.adjoint_one(A, Bv[i], C[i], X[i], Y[i], S[i],
-                                        gx[i], gy[i], gs[i], cp_.dims)
+        N = cp_.n + cp_.m + 1
+        if N <= _adjoint.DENSE_LIMIT:
+            # Stacked dense solves, in chunks of bounded memory.
+            step = max(1, int(_DENSE_CHUNK_BYTES // (8 * (N + 1) ** 2)))
+            step = min(step, -(-batch // self.n_jobs))
+            rows = cp_.A_indices
+            cols = np.repeat(np.arange(cp_.n), np.diff(cp_.A_indptr))
 
-        results = self._map(one, range(batch))
-        dA = np.stack([r[0] for r in results])
-        db = np.stack([r[1] for r in results])
-        dc = np.stack([r[2] for r in results])
+            def chunk(lo):
+                sl = slice(lo, lo + step)
+                return _adjoint.adjoint_dense(
+                    Av[sl], rows, cols, Bv[sl], C[sl], X[sl], Y[sl], S[sl],
+                    gx[sl], gy[sl], gs[sl], cp_.dims)
+
+            results = self._map(chunk, range(0, batch, step))
+            dA = np.concatenate([r[0] for r in results])
+            db = np.concatenate([r[1] for r in results])
+            dc = np.concatenate([r[2] for r in results])
+        else:
+            def one(i):
+                A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
+                                      (cp_.m, cp_.n))
+                return _adjoint.adjoint_one(A, Bv[i], C[i], X[i], Y[i],
+                                            S[i], gx[i], gy[i], gs[i],
+                                            cp_.dims)
+
+            results = self._map(one, range(batch))
+            dA = np.stack([r[0] for r in results])
+            db = np.stack([r[1] for r in results])
+            dc = np.stack([r[2] for r in results])
         dtheta = dA @ cp_.T_A + db @ cp_.T_b + dc @ cp_.T_c
         if cp_.elim.size:
             # Chain rule through b = T_b theta - A_e(theta) w(theta).
@@ -248,7 +289,12 @@ class Layer:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_pool"] = None
+        state["_local"] = None
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     def _solve_batch(self, Av, Bv, C, batched, warm_start):
         cp_ = self.compiled
@@ -256,14 +302,30 @@ class Layer:
         options = self.solver_options
         cone = self._cone
 
-        def one(i):
-            A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
+        def warm_for(i):
+            if warm_start is None:
+                return None
+            return tuple(np.array(w[i], dtype=np.float64) for w in warm_start)
+
+        if self._A_constant:
+            # One SCS workspace per thread keeps the factorization of A;
+            # each element only updates b and c.
+            A = _solve.assemble_A(Av[0], cp_.A_indices, cp_.A_indptr,
                                   (cp_.m, cp_.n))
-            warm = None
-            if warm_start is not None:
-                warm = tuple(np.array(w[i], dtype=np.float64)
-                             for w in warm_start)
-            return _solve.solve_one(A, Bv[i], C[i], cone, options, warm)
+            local = self._local
+
+            def one(i):
+                workspace = getattr(local, "workspace", None)
+                if workspace is None:
+                    workspace = _solve.Workspace(A, cone, options)
+                    local.workspace = workspace
+                return workspace.solve(Bv[i], C[i], warm_for(i))
+        else:
+            def one(i):
+                A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
+                                      (cp_.m, cp_.n))
+                return _solve.solve_one(A, Bv[i], C[i], cone, options,
+                                        warm_for(i))
 
         results = self._map(one, range(batch))
         X = np.stack([r[0] for r in results]).reshape(batch, cp_.n)
@@ -271,6 +333,45 @@ class Layer:
         S = np.stack([r[2] for r in results]).reshape(batch, cp_.m)
         _solve.check_statuses([r[3] for r in results],
                               [r[4] for r in results], batched)
+        if self.refine:
+            X, Y, S = self._refine(Av, Bv, C, X, Y, S)
+        return X, Y, S
+
+    def _refine(self, Av, Bv, C, X, Y, S):
+        """Newton-polish the batch; re-solve tightly what does not refine."""
+        cp_ = self.compiled
+        batch = X.shape[0]
+        rows = cp_.A_indices
+        cols = np.repeat(np.arange(cp_.n), np.diff(cp_.A_indptr))
+        N = cp_.n + cp_.m + 1
+        step = max(1, int(_DENSE_CHUNK_BYTES // (8 * 3 * (N + 1) ** 2)))
+        step = min(step, -(-batch // self.n_jobs))
+
+        def chunk(lo):
+            sl = slice(lo, lo + step)
+            return _refine.refine(Av[sl], rows, cols, Bv[sl], C[sl], X[sl],
+                                  Y[sl], S[sl], cp_.dims)
+
+        results = self._map(chunk, range(0, batch, step))
+        X = np.concatenate([r[0] for r in results])
+        Y = np.concatenate([r[1] for r in results])
+        S = np.concatenate([r[2] for r in results])
+        res = np.concatenate([r[3] for r in results])
+        failed = np.flatnonzero(~(res <= _REFINE_ACCEPT))
+        if failed.size:
+            logger.info("refinement left %d of %d elements above %.0e; "
+                        "solving them again at tight tolerance",
+                        failed.size, batch, _REFINE_ACCEPT)
+            options = dict(self.solver_options)
+            options.update(_solve.DEFAULT_SOLVER_OPTIONS)
+            options.update(self._user_options)
+            for i in failed:
+                A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
+                                      (cp_.m, cp_.n))
+                x, y, s, status_val, status = _solve.solve_one(
+                    A, Bv[i], C[i], self._cone, options, (X[i], Y[i], S[i]))
+                _solve.check_statuses([status_val], [status], False)
+                X[i], Y[i], S[i] = x, y, s
         return X, Y, S
 
     def _recover(self, X, Y, w, batched):

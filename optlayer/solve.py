@@ -23,6 +23,13 @@ DEFAULT_SOLVER_OPTIONS = {
     "verbose": False,
 }
 
+# With Newton refinement (optlayer.refine) SCS only has to find the active
+# set; refinement then takes the solution to machine accuracy.
+REFINED_SOLVER_OPTIONS = {
+    "eps_abs": 1e-6,
+    "eps_rel": 1e-6,
+}
+
 # SCS 3 status values.
 SOLVED = 1
 SOLVED_INACCURATE = 2
@@ -40,6 +47,35 @@ def solve_one(A, b, c, cone, options, warm=None):
     info = result["info"]
     return (result["x"], result["y"], result["s"], int(info["status_val"]),
             str(info["status"]))
+
+
+class Workspace:
+    """An SCS workspace for a fixed A, reused across b and c.
+
+    SCS factors its linear system once per workspace; later solves only
+    change b and c. A workspace is used by one thread at a time.
+    """
+
+    def __init__(self, A, cone, options):
+        n = A.shape[1]
+        m = A.shape[0]
+        self._solver = scs.SCS(
+            {"A": A, "b": np.zeros(m), "c": np.zeros(n)}, cone, **options
+        )
+
+    def solve(self, b, c, warm=None):
+        """Solve with new b and c; return (x, y, s, status_val, status)."""
+        self._solver.update(b=b, c=c)
+        if warm is not None:
+            result = self._solver.solve(warm_start=True, x=warm[0],
+                                        y=warm[1], s=warm[2])
+        else:
+            # No implicit warm start from this thread's previous element:
+            # results must not depend on scheduling.
+            result = self._solver.solve(warm_start=False)
+        info = result["info"]
+        return (result["x"], result["y"], result["s"],
+                int(info["status_val"]), str(info["status"]))
 
 
 def check_statuses(status_vals, statuses, batched):
