@@ -162,7 +162,8 @@ def _check_arguments(problem, parameters, variables):
         raise ValueError("variables is empty; request at least one output.")
     problem_vars = {v.id for v in problem.variables()}
     for i, var in enumerate(variables):
-        if isinstance(var, cp.Variable):
+        if isinstance(var, cp.Variable) and not _owning_constraint(problem,
+                                                                   var):
             if var.id not in problem_vars:
                 raise ValueError(
                     f"variables[{i}] '{_name(var)}' does not appear in the "
@@ -377,7 +378,7 @@ def compile_problem(problem, parameters, variables, presolve=True):
 
     raw_outputs = []
     for var in variables:
-        if isinstance(var, cp.Variable):
+        if _owning_constraint(problem, var) is None:
             R = _primal_output(chain, param_prob, var, n)
             raw_outputs.append((_name(var), "x", R, tuple(var.shape)))
         else:

@@ -16,13 +16,14 @@ Nonnegative, second-order and PSD cones are self-dual. For the others the
 dual cone K* follows from Moreau's decomposition v = P_K(v) - P_K*(-v):
 P_K*(v) = v + P_K(-v), and D P_K*(v) = I - D P_K(-v).
 
-Projections are nonsmooth on a null set (the boundaries between the regions
-where a different formula applies). There every derivative below returns one
-fixed element of the generalized Jacobian, chosen consistently: at a point
-that is both in K and in the polar cone -K* (the origin, or 0 for a
-nonnegative entry), the zero map; on the boundary of K, the identity (the
-limit from inside K); elsewhere the formula of the region the point is
-assigned to by the order of the checks in each function.
+Projections are nonsmooth on a null set (where the formula changes). There
+each derivative returns one fixed element of the generalized Jacobian:
+nonnegative entries get 1 for v > 0 and 0 for v <= 0; second-order,
+exponential and power cones get the zero map on the polar cone -K*
+(origin included) and the identity on the rest of K (boundary included);
+the PSD derivative takes max(., 0)'(0) = 0 in its divided differences.
+The exponential cone at x, y <= 0 and the power cone at z = 0 use the
+one-sided limits documented in their functions.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ __all__ = [
 ]
 
 _SQRT2 = math.sqrt(2.0)
-# Largest |rho| used in the exponential-cone root find: exp(700) is finite.
-_RHO_MAX = 700.0
+# Largest |rho| = |x/y| used in the exponential-cone root find.
+_RHO_MAX = 1e150
 
 
 # --------------------------------------------------------------------------
@@ -510,14 +511,10 @@ def _kkt_jacobian(grad, w, gamma):
 def _exp_region(x0, y0, z0):
     """Which formula projects (x0, y0, z0) onto K_exp.
 
-    Returns one of "cone" (v in K), "polar" (-v in K*), "y=0"
+    Returns one of "polar" (-v in K*), "cone" (v in K), "y=0"
     (x0 <= 0, y0 <= 0), "general".
+    The polar cone is tested first, so the origin counts as polar.
     """
-    # v in K: y > 0 and y exp(x/y) <= z, or y = 0, x <= 0, z >= 0.
-    if y0 > 0 and z0 > 0 and x0 <= y0 * math.log(z0 / y0):
-        return "cone"
-    if y0 == 0 and x0 <= 0 and z0 >= 0:
-        return "cone"
     # -v in K*, K* = {(u, v, w) : u < 0, -u exp(v/u) <= e w} union
     # {(0, v, w) : v, w >= 0}; with u = -x0 < 0 the condition reads
     # x0 exp(y0/x0 - 1) <= -z0.
@@ -525,6 +522,11 @@ def _exp_region(x0, y0, z0):
         return "polar"
     if x0 == 0 and y0 <= 0 and z0 <= 0:
         return "polar"
+    # v in K: y > 0 and y exp(x/y) <= z, or y = 0, x <= 0, z >= 0.
+    if y0 > 0 and z0 > 0 and x0 <= y0 * math.log(z0 / y0):
+        return "cone"
+    if y0 == 0 and x0 <= 0 and z0 >= 0:
+        return "cone"
     if x0 <= 0 and y0 <= 0:
         return "y=0"
     return "general"
@@ -543,18 +545,26 @@ def _exp_rho(x0, y0, z0):
         h(rho) = ((rho - 1) x0 + y0) e^rho - (x0 - rho y0) e^-rho
                  - (rho^2 - rho + 1) z0 = 0.
     On the interval where s > 0 and mu > 0, h runs from <= 0 to >= 0 and
-    has exactly one root (the Moreau decomposition is unique).
+    has exactly one root (the Moreau decomposition is unique). The root
+    find uses h e^-|rho|, which has the same sign and cannot overflow.
     """
     scale = max(abs(x0), abs(y0), abs(z0))
     x0, y0, z0 = x0 / scale, y0 / scale, z0 / scale
 
-    def h(rho):
-        ep, em = math.exp(rho), math.exp(-rho)
-        val = ((rho - 1) * x0 + y0) * ep - (x0 - rho * y0) * em
-        val -= (rho * rho - rho + 1) * z0
-        der = (rho * x0 + y0) * ep + (x0 - (rho - 1) * y0) * em
-        der -= (2 * rho - 1) * z0
-        return val, der
+    def h_scaled(rho):
+        # With E = e^-2|rho|, F = e^-|rho|: value and derivative of
+        # h e^-|rho| (its derivative is (h' - sign(rho) h) e^-|rho|).
+        F = math.exp(-abs(rho))
+        E = F * F
+        quad = (rho * rho - rho + 1) * z0 * F
+        dquad = (2 * rho - 1) * z0 * F
+        if rho >= 0:
+            val = ((rho - 1) * x0 + y0) - (x0 - rho * y0) * E - quad
+            der = (rho * x0 + y0) + (x0 - (rho - 1) * y0) * E - dquad
+            return val, der - val
+        val = ((rho - 1) * x0 + y0) * E - (x0 - rho * y0) - quad
+        der = (rho * x0 + y0) * E + (x0 - (rho - 1) * y0) - dquad
+        return val, der + val
 
     # Bracket: s > 0 <=> rho x0 > x0 - y0; mu > 0 <=> rho y0 < x0.
     lo, hi = -math.inf, math.inf
@@ -566,25 +576,42 @@ def _exp_rho(x0, y0, z0):
         hi = min(hi, x0 / y0)
     elif y0 < 0:
         lo = max(lo, x0 / y0)
+    # |rho| beyond 1e150 would overflow rho^2; such ratios only arise from
+    # entries 1e150 apart, where the clipped ratio gives the limit point.
     lo, hi = max(lo, -_RHO_MAX), min(hi, _RHO_MAX)
     if lo >= hi:
-        # The root lies beyond |rho| = 700, where e^rho is not
-        # representable; the clipped ratio gives the limit point.
-        return min(max(lo, -_RHO_MAX), _RHO_MAX)
+        return lo
 
     # A half-infinite bracket is closed by doubling steps away from its
     # finite end until h changes sign (h -> -inf / +inf at the far ends).
     if lo == -_RHO_MAX:
         step = 1.0
-        while hi - step > -_RHO_MAX and h(hi - step)[0] > 0:
+        while hi - step > -_RHO_MAX and h_scaled(hi - step)[0] > 0:
             hi, step = hi - step, 2 * step
         lo = max(hi - step, -_RHO_MAX)
     elif hi == _RHO_MAX:
         step = 1.0
-        while lo + step < _RHO_MAX and h(lo + step)[0] < 0:
+        while lo + step < _RHO_MAX and h_scaled(lo + step)[0] < 0:
             lo, step = lo + step, 2 * step
         hi = min(lo + step, _RHO_MAX)
-    return _newton_bisect(h, lo, hi, 0.5 * (lo + hi), atol=1e-15)
+    return _newton_bisect(h_scaled, lo, hi, 0.5 * (lo + hi), atol=1e-15)
+
+
+def _exp_general(x0, y0, z0):
+    """Projection in the general region and its ratio rho = x/y."""
+    rho = _exp_rho(x0, y0, z0)
+    # The ray direction a = (rho, 1, e^rho) divided by its largest entry,
+    # so that nothing overflows.
+    n = max(abs(rho), 1.0)
+    if rho > math.log(n):
+        em = math.exp(-rho)
+        b = np.array([rho * em, em, 1.0])
+    else:
+        b = np.array([rho, 1.0, math.exp(rho)]) / n
+    # Closest point of the ray: s = <v, b> / ||b||^2 (exact at the root,
+    # and second-order accurate in the distance nearby).
+    s = max(x0 * b[0] + y0 * b[1] + z0 * b[2], 0.0) / (b @ b)
+    return s * b, rho
 
 
 def proj_exp(v: np.ndarray) -> np.ndarray:
@@ -594,7 +621,7 @@ def proj_exp(v: np.ndarray) -> np.ndarray:
     K; 0 for v in the polar cone -K*; (x, 0, max(z, 0)) for x, y <= 0;
     otherwise s (rho, 1, e^rho) on the boundary, with rho the root of the
     univariate equation described in `_exp_rho` (safeguarded Newton,
-    ~1e-15 absolute accuracy in rho) and s >= 0 the best multiple of that
+    ~1e-15 relative accuracy in rho) and s >= 0 the best multiple of that
     ray.
 
     Args:
@@ -611,14 +638,7 @@ def proj_exp(v: np.ndarray) -> np.ndarray:
         return np.zeros(3)
     if region == "y=0":
         return np.array([x0, 0.0, max(z0, 0.0)])
-    rho = _exp_rho(x0, y0, z0)
-    a = np.array([rho, 1.0, math.exp(rho)])
-    # Closest point of the ray s a: s = <v, a> / ||a||^2 (exact at the
-    # root, and second-order accurate in the distance nearby); a is
-    # rescaled by its largest entry so that ||a||^2 cannot overflow.
-    b = a / max(abs(rho), 1.0, a[2])
-    s = max(x0 * b[0] + y0 * b[1] + z0 * b[2], 0.0) / (b @ b)
-    return s * b
+    return _exp_general(x0, y0, z0)[0]
 
 
 def dproj_exp(v: np.ndarray) -> np.ndarray:
@@ -646,25 +666,24 @@ def dproj_exp(v: np.ndarray) -> np.ndarray:
         return np.zeros((3, 3))
     if region == "y=0":
         return np.diag([1.0, 0.0, float(z0 > 0)])
-    p = proj_exp(v)
+    p, rho = _exp_general(x0, y0, z0)
     y = p[1]
-    if y <= 0:
-        # Degenerate root (projection at the apex): treat as the polar.
-        return np.zeros((3, 3))
-    rho = p[0] / y
     # grad g = (e^rho, (1 - rho) e^rho, -1); any positive multiple g of it
     # gives the same Jacobian, so take one that cannot overflow. With
     # v - p = lam grad g = mu g, lam hess g = gamma w w', w = (1, -rho, 0),
-    # and gamma = lam e^rho / y.
-    if rho >= 0:
-        g = np.array([1.0, 1.0 - rho, -math.exp(-rho)])  # e^-rho grad g
-        mu = _multiplier(np.array([x0, y0, z0]) - p, g)
-        gamma = mu / y
-    else:
-        e = math.exp(rho)
-        g = np.array([e, (1.0 - rho) * e, -1.0])
-        mu = _multiplier(np.array([x0, y0, z0]) - p, g)
-        gamma = mu * e / y
+    # and gamma = lam e^rho / y (infinite if y underflowed to 0).
+    with np.errstate(over="ignore", divide="ignore"):
+        if rho >= 0:
+            g = np.array([1.0, 1.0 - rho, -math.exp(-rho)])  # e^-rho grad
+            mu = _multiplier(np.array([x0, y0, z0]) - p, g)
+            gamma = np.float64(mu) / y
+        else:
+            e = math.exp(rho)
+            g = np.array([e, (1.0 - rho) * e, -1.0])
+            mu = _multiplier(np.array([x0, y0, z0]) - p, g)
+            gamma = np.float64(mu) * e / y
+    if not gamma >= 0:  # 0 / 0: no normal component, H = I
+        gamma = 0.0
     return _kkt_jacobian(g, np.array([1.0, -rho, 0.0]), gamma)
 
 
@@ -674,14 +693,17 @@ def dproj_exp(v: np.ndarray) -> np.ndarray:
 
 
 def _pow_region(x0, y0, z0, alpha):
-    """One of "cone", "polar", "z=0", "general" for the power cone."""
-    if x0 >= 0 and y0 >= 0 and x0**alpha * y0 ** (1 - alpha) >= abs(z0):
-        return "cone"
+    """One of "polar", "cone", "z=0", "general" for the power cone.
+
+    The polar cone is tested first, so the origin counts as polar.
+    """
     # Dual cone: (u/a)^a (v/(1-a))^(1-a) >= |w|, u, v >= 0; test -v.
     u, w = -x0, -y0
     if u >= 0 and w >= 0:
         if (u / alpha) ** alpha * (w / (1 - alpha)) ** (1 - alpha) >= abs(z0):
             return "polar"
+    if x0 >= 0 and y0 >= 0 and x0**alpha * y0 ** (1 - alpha) >= abs(z0):
+        return "cone"
     if z0 == 0:
         return "z=0"
     return "general"
@@ -1017,6 +1039,8 @@ def dproject_batch(V, dims: ConeDims, dual: bool = False) -> list:
     """
     V = _check_batch(V, dims)
     B, m = V.shape
+    if B == 0:
+        return []
     z, l = dims.zero, dims.nonneg
     parts = [
         np.full((B, z), 1.0 if dual else 0.0),

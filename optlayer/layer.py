@@ -95,7 +95,6 @@ class Layer:
             options.update(_solve.REFINED_SOLVER_OPTIONS)
         options.update(solver_options or {})
         self.solver_options = options
-        self._user_options = dict(solver_options or {})
         self.n_jobs = int(n_jobs) if n_jobs else (os.cpu_count() or 1)
         self.warm_start = bool(warm_start)
         self._last_solution = None
@@ -362,9 +361,11 @@ class Layer:
             logger.info("refinement left %d of %d elements above %.0e; "
                         "solving them again at tight tolerance",
                         failed.size, batch, _REFINE_ACCEPT)
+            # The user's settings, but SCS's own tolerances tight.
             options = dict(self.solver_options)
-            options.update(_solve.DEFAULT_SOLVER_OPTIONS)
-            options.update(self._user_options)
+            for key in ("eps_abs", "eps_rel"):
+                options[key] = min(options[key],
+                                   _solve.DEFAULT_SOLVER_OPTIONS[key])
             for i in failed:
                 A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
                                       (cp_.m, cp_.n))

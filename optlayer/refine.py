@@ -53,7 +53,7 @@ def _cone_residual(Y, S, dims):
                       np.abs(S - Sp).max(axis=1, initial=0.0))
 
 
-def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=4):
+def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6):
     """Refine solutions in place by Newton steps on the residual map.
 
     Args:

@@ -1,0 +1,265 @@
+"""The reference workload: a ReLU network made of convex-optimization layers.
+
+Each ReLU layer z = max(Wx + b, 0) is written as the convex problem
+
+    minimize ||z - Wtilde x - b||^2  subject to  z >= 0,  Wtilde = W,
+
+two of them and a linear layer form a network trained with Adam (lr 1e-2)
+on random data: by default 25 steps on 300 samples of width 20, i.e. 15,000
+solves and 15,000 backward passes per framework.
+
+Every framework starts from the same weights and data, made here once in
+NumPy, so their loss curves must coincide. A reference curve is computed in
+plain NumPy with the closed-form ReLU and hand-written backpropagation from
+the same start. Each framework runs in its own process so that its time and
+peak memory are its own.
+
+Usage:
+    optlayer-relu                       # all installed frameworks
+    optlayer-relu --framework torch --steps 5 --plot curves.png
+"""
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+FRAMEWORKS = ("torch", "jax", "tf")
+_MODULES = {"torch": "torch", "jax": "jax", "tf": "tensorflow"}
+
+
+def make_problem_data(d=20, h=20, n_samples=300, seed=0):
+    """Initial weights and data, as float64 NumPy arrays.
+
+    ReLU weights and biases ~ 1e-3 N(0, 1) as in the reference example; the
+    final linear layer uses Glorot-uniform weights and a zero bias.
+    """
+    rng = np.random.default_rng(seed)
+    limit = np.sqrt(6.0 / (h + 1))
+    init = {
+        "W1": 1e-3 * rng.standard_normal((h, d)),
+        "b1": 1e-3 * rng.standard_normal(h),
+        "W2": 1e-3 * rng.standard_normal((h, h)),
+        "b2": 1e-3 * rng.standard_normal(h),
+        "W3": rng.uniform(-limit, limit, size=(1, h)),
+        "b3": np.zeros(1),
+    }
+    X = rng.standard_normal((n_samples, d))
+    Y = rng.standard_normal((n_samples, 1))
+    return init, X, Y
+
+
+def reference_curve(init, X, Y, steps=25, lr=1e-2, beta1=0.9, beta2=0.999,
+                    eps=1e-8):
+    """Losses of the closed-form network trained by Adam, in NumPy."""
+    params = {k: v.copy() for k, v in init.items()}
+    m = {k: np.zeros_like(v) for k, v in params.items()}
+    v = {k: np.zeros_like(v) for k, v in params.items()}
+    n = X.shape[0]
+    losses = []
+    for t in range(1, steps + 1):
+        a1 = X @ params["W1"].T + params["b1"]
+        h1 = np.maximum(a1, 0)
+        a2 = h1 @ params["W2"].T + params["b2"]
+        h2 = np.maximum(a2, 0)
+        out = h2 @ params["W3"].T + params["b3"]
+        diff = out - Y
+        losses.append(float(np.mean(diff ** 2)))
+        # Backpropagation of mean((out - Y)^2).
+        g_out = 2.0 * diff / n
+        grads = {"W3": g_out.T @ h2, "b3": g_out.sum(axis=0)}
+        g_a2 = (g_out @ params["W3"]) * (a2 > 0)
+        grads["W2"] = g_a2.T @ h1
+        grads["b2"] = g_a2.sum(axis=0)
+        g_a1 = (g_a2 @ params["W2"]) * (a1 > 0)
+        grads["W1"] = g_a1.T @ X
+        grads["b1"] = g_a1.sum(axis=0)
+        for k in params:
+            m[k] = beta1 * m[k] + (1 - beta1) * grads[k]
+            v[k] = beta2 * v[k] + (1 - beta2) * grads[k] ** 2
+            m_hat = m[k] / (1 - beta1 ** t)
+            v_hat = v[k] / (1 - beta2 ** t)
+            params[k] = params[k] - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return losses
+
+
+def installed_frameworks():
+    """The frameworks whose packages can be imported here."""
+    return [fw for fw in FRAMEWORKS
+            if importlib.util.find_spec(_MODULES[fw]) is not None]
+
+
+def _peak_rss_mb():
+    # ru_maxrss is in kilobytes on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_worker(args):
+    """Train on one framework in this process; print a JSON result."""
+    init, X, Y = make_problem_data(args.input_dim, args.width,
+                                   args.batch_size, args.seed)
+    importlib.import_module(_MODULES[args.worker])
+    module = importlib.import_module(f"benchmarks.relu_{args.worker}")
+    rss_import = _peak_rss_mb()
+    log = (lambda s: None) if args.quiet else (
+        lambda s: print(f"[{args.worker}] {s}", file=sys.stderr, flush=True))
+    result = module.train(init, X, Y, steps=args.steps, lr=args.lr,
+                          n_jobs=args.n_jobs, log=log)
+    result = {k: (float(v) if isinstance(v, (np.floating, float)) else v)
+              for k, v in result.items()}
+    result["losses"] = [float(x) for x in result["losses"]]
+    result["rss_import_mb"] = rss_import
+    result["rss_peak_mb"] = _peak_rss_mb()
+    print(json.dumps(result))
+
+
+def _run_framework(fw, args):
+    cmd = [sys.executable, "-m", "benchmarks.relu", "--worker", fw,
+           "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--width", str(args.width), "--input-dim", str(args.input_dim),
+           "--seed", str(args.seed), "--lr", str(args.lr)]
+    if args.n_jobs:
+        cmd += ["--n-jobs", str(args.n_jobs)]
+    if args.quiet:
+        cmd.append("--quiet")
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None,
+                          text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {fw} run failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _table(rows, header):
+    widths = [max(len(str(r[i])) for r in rows + [header])
+              for i in range(len(header))]
+    line = "  ".join(h.rjust(w) for h, w in zip(header, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(str(c).rjust(w) for c, w in zip(r, widths))
+            for r in rows]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    """Run the ReLU example on the chosen frameworks and summarize."""
+    parser = argparse.ArgumentParser(
+        prog="optlayer-relu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--framework", default="all",
+                        help="tf, torch, jax, a comma-separated list, or all "
+                             "(default: all installed)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--batch-size", type=int, default=300,
+                        help="number of samples (full-batch training)")
+    parser.add_argument("--width", type=int, default=20,
+                        help="width of the hidden ReLU layers")
+    parser.add_argument("--input-dim", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--n-jobs", type=int, default=None,
+                        help="solver threads (default: all cores)")
+    parser.add_argument("--plot", metavar="FILE.png", default=None,
+                        help="draw the loss curves (needs matplotlib)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="do not print the per-step losses")
+    parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return 0
+
+    available = installed_frameworks()
+    if args.framework == "all":
+        chosen = available
+    else:
+        chosen = [f.strip() for f in args.framework.split(",") if f.strip()]
+        for fw in chosen:
+            if fw not in FRAMEWORKS:
+                parser.error(f"unknown framework {fw!r}; choose from "
+                             f"{', '.join(FRAMEWORKS)} or all")
+            if fw not in available:
+                parser.error(f"{fw} is not installed; pip install "
+                             f"'optlayer[{fw}]'")
+    if not chosen:
+        parser.error("no framework is installed; pip install 'optlayer[all]'")
+
+    init, X, Y = make_problem_data(args.input_dim, args.width,
+                                   args.batch_size, args.seed)
+    t0 = time.perf_counter()
+    reference = reference_curve(init, X, Y, steps=args.steps, lr=args.lr)
+    ref_time = time.perf_counter() - t0
+    print(f"reference (closed-form ReLU, NumPy): final loss "
+          f"{reference[-1]:.12f} in {ref_time:.3f} s")
+
+    results = {}
+    for fw in chosen:
+        print(f"\n== {fw} ==", flush=True)
+        res = _run_framework(fw, args)
+        for k, loss in enumerate(res["losses"]):
+            print(f"step {k:3d}  loss {loss:.12f}")
+        results[fw] = res
+
+    solves = 2 * args.batch_size * args.steps
+    rows = []
+    for fw, res in results.items():
+        dev = max(abs(a - b) for a, b in zip(res["losses"], reference))
+        rows.append([
+            fw,
+            f"{res['losses'][-1]:.10f}",
+            f"{res['wall_time']:.2f}",
+            f"{solves / res['wall_time']:.0f}",
+            f"{res['forward_time']:.2f}",
+            f"{res['backward_time']:.2f}",
+            f"{res['rss_peak_mb']:.0f}",
+            f"{res['rss_peak_mb'] - res['rss_import_mb']:.0f}",
+            f"{res['max_output_error']:.1e}",
+            f"{res['max_grad_error']:.1e}",
+            f"{dev:.1e}",
+        ])
+    print(f"\nsummary: {args.steps} steps, {args.batch_size} samples, "
+          f"width {args.width}, {solves} solves and {solves} backward passes "
+          f"per framework, {os.cpu_count()} cores")
+    print(_table(rows, ["framework", "final loss", "wall s", "solves/s",
+                        "fwd s", "bwd s", "peak MB", "MB over import",
+                        "max out err", "max grad err", "max |loss-ref|"]))
+    if len(results) > 1:
+        curves = np.array([r["losses"] for r in results.values()])
+        spread = curves.max(axis=0) - curves.min(axis=0)
+        print(f"largest difference between frameworks' losses at a step: "
+              f"{spread.max():.1e} (step {int(spread.argmax())})")
+    if args.plot:
+        _plot(args.plot, results, reference)
+        print(f"loss curves written to {args.plot}")
+    return 0
+
+
+def _plot(path, results, reference):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install "
+                         "'optlayer[plot]'") from exc
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(reference, "k-", lw=3, alpha=0.3, label="closed form (NumPy)")
+    for (fw, res), style in zip(results.items(), ["o-", "s--", "^:"]):
+        ax.plot(res["losses"], style, ms=3, label=f"optlayer ({fw})")
+    ax.set_xlabel("Adam step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
