@@ -474,7 +474,7 @@ def _multiplier(q, grad):
     return max(float(q @ grad) / float(grad @ grad), 0.0)
 
 
-def _kkt_jacobian(grad, w, gamma):
+def _kkt_jacobian(grad, w, gamma, ug=None):
     """Jacobian of a projection onto {p : g(p) <= 0} with g active.
 
     The projection p of v satisfies p - v + lam grad g(p) = 0, g(p) = 0.
@@ -486,21 +486,25 @@ def _kkt_jacobian(grad, w, gamma):
     with n = w / ||w|| and u = (-w_y, w_x, 0) / ||w||. Unlike the
     Sherman-Morrison form I - gamma w w' / (1 + gamma w'w), this has no
     cancellation when gamma w'w is huge (projections near an edge of the
-    cone, where H^{-1} is nearly singular).
+    cone, where H^{-1} is nearly singular). `ug` is u . grad when the
+    caller knows it in closed form (it may cancel to zero otherwise).
     """
-    Hinv = np.zeros((3, 3))
-    Hinv[2, 2] = 1.0
     nw = math.hypot(w[0], w[1])
     if nw == 0.0:
-        Hinv[:2, :2] = np.eye(2)
+        n, u, shrink = np.array([1.0, 0.0]), np.array([0.0, 1.0]), 1.0
     else:
         n = np.array([w[0], w[1]]) / nw
         u = np.array([-n[1], n[0]])
         with np.errstate(over="ignore"):
             shrink = 1.0 / (1.0 + gamma * nw * nw)
-        Hinv[:2, :2] = np.outer(u, u) + shrink * np.outer(n, n)
-    h = Hinv @ grad
-    return Hinv - np.outer(h, h) / (grad @ h)
+    if ug is None:
+        ug = u @ grad[:2]
+    ng = n @ grad[:2]
+    Hinv = np.zeros((3, 3))
+    Hinv[:2, :2] = np.outer(u, u) + shrink * np.outer(n, n)
+    Hinv[2, 2] = 1.0
+    h = np.append(ug * u + shrink * ng * n, grad[2])
+    return Hinv - np.outer(h, h) / (ug * ug + shrink * ng * ng + grad[2] ** 2)
 
 
 # --------------------------------------------------------------------------
@@ -672,19 +676,23 @@ def dproj_exp(v: np.ndarray) -> np.ndarray:
     # gives the same Jacobian, so take one that cannot overflow. With
     # v - p = lam grad g = mu g, lam hess g = gamma w w', w = (1, -rho, 0),
     # and gamma = lam e^rho / y (infinite if y underflowed to 0).
-    with np.errstate(over="ignore", divide="ignore"):
+    # With u = (rho, 1) / ||w||, u . (1, 1 - rho) = 1 / ||w|| exactly.
+    norm_w = math.hypot(1.0, rho)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         if rho >= 0:
             g = np.array([1.0, 1.0 - rho, -math.exp(-rho)])  # e^-rho grad
             mu = _multiplier(np.array([x0, y0, z0]) - p, g)
             gamma = np.float64(mu) / y
+            ug = 1.0 / norm_w
         else:
             e = math.exp(rho)
             g = np.array([e, (1.0 - rho) * e, -1.0])
             mu = _multiplier(np.array([x0, y0, z0]) - p, g)
             gamma = np.float64(mu) * e / y
+            ug = e / norm_w
     if not gamma >= 0:  # 0 / 0: no normal component, H = I
         gamma = 0.0
-    return _kkt_jacobian(g, np.array([1.0, -rho, 0.0]), gamma)
+    return _kkt_jacobian(g, np.array([1.0, -rho, 0.0]), gamma, ug)
 
 
 # --------------------------------------------------------------------------
@@ -709,46 +717,67 @@ def _pow_region(x0, y0, z0, alpha):
     return "general"
 
 
-def _pow_xy(x0, y0, r, zabs, alpha):
-    """Coordinates x(r), y(r) of the projection given r = |z| (see below).
+def _pow_xy(x0, y0, r, lam, drl, alpha):
+    """Coordinates x, y of the projection given r = |z| and lam = |z0| - r.
 
     Stationarity of (1/2)||p - v||^2 + lam (|z| - x^a y^(1-a)) at a point
-    with x^a y^(1-a) = r and lam = |z0| - r gives
-    x^2 - x0 x - a r (|z0| - r) = 0, whose positive root is
-    x = (x0 + sqrt(x0^2 + 4 a r (|z0| - r))) / 2; likewise y with 1 - a.
-    Returns x, y, dx/dr, dy/dr.
+    with x^a y^(1-a) = r gives x^2 - x0 x - a r lam = 0, whose positive
+    root is x = (x0 + sqrt(x0^2 + 4 a r lam)) / 2; likewise y with 1 - a.
+    Both r and lam are passed so that neither is formed by cancellation.
+    `drl` is the derivative of r lam along the root-finding variable.
+    Returns x, y and their derivatives along that variable.
     """
     out = []
     for c0, beta in ((x0, alpha), (y0, 1 - alpha)):
-        q = 4 * beta * r * (zabs - r)
+        q = 4 * beta * r * lam
         S = math.sqrt(c0 * c0 + q)
         # Avoid cancellation in (c0 + S) / 2 when c0 < 0.
         c = 0.5 * (c0 + S) if c0 >= 0 else 0.5 * q / (S - c0)
-        dc = beta * (zabs - 2 * r) / S if S > 0 else 0.0
+        dc = beta * drl / S if S > 0 else 0.0
         out.append((c, dc))
     (x, dx), (y, dy) = out
     return x, y, dx, dy
 
 
 def _pow_r(x0, y0, z0, alpha):
-    """|z| of the projection in the general region, in (0, |z0|).
+    """r = |z| and lam = |z0| - r of the projection in the general region.
 
-    Root of F(r) = r - x(r)^a y(r)^(1-a) with x(r), y(r) from `_pow_xy`;
-    F < 0 near r = 0 (v is not in the polar cone) and F(|z0|) > 0 (v is
-    not in K), and the root there is unique (the projection is).
+    r is the root in (0, |z0|) of F(r) = r - x(r)^a y(r)^(1-a), with x(r),
+    y(r) from `_pow_xy`; F < 0 near r = 0 (v is not in the polar cone),
+    F(|z0|) > 0 (v is not in K), and the root is unique (the projection
+    is). The root find runs in r when the root lies in (0, |z0|/2) and in
+    lam otherwise, so that the smaller of the two is accurate to relative
+    precision.
     """
     scale = max(abs(x0), abs(y0), abs(z0))
     x0, y0, zabs = x0 / scale, y0 / scale, abs(z0) / scale
 
-    def F(r):
-        x, y, dx, dy = _pow_xy(x0, y0, r, zabs, alpha)
+    def zeta(r, lam, drl):
+        x, y, dx, dy = _pow_xy(x0, y0, r, lam, drl, alpha)
         if x <= 0 or y <= 0:
-            return r, 1.0
-        zeta = math.exp(alpha * math.log(x) + (1 - alpha) * math.log(y))
-        return r - zeta, 1 - zeta * (alpha * dx / x + (1 - alpha) * dy / y)
+            return 0.0, 0.0
+        val = math.exp(alpha * math.log(x) + (1 - alpha) * math.log(y))
+        return val, val * (alpha * dx / x + (1 - alpha) * dy / y)
 
-    r = _newton_bisect(F, 0.0, zabs, 0.5 * zabs, atol=1e-16 * zabs)
-    return r * scale
+    def F_of_r(r):
+        lam = zabs - r
+        val, der = zeta(r, lam, lam - r)
+        return r - val, 1 - der
+
+    def G_of_lam(lam):
+        # G(lam) = -F(|z0| - lam), increasing in lam.
+        r = zabs - lam
+        val, der = zeta(r, lam, r - lam)
+        return val - r, der + 1
+
+    half = 0.5 * zabs
+    if F_of_r(half)[0] >= 0:
+        r = _newton_bisect(F_of_r, 0.0, half, 0.5 * half, atol=0.0)
+        lam = zabs - r
+    else:
+        lam = _newton_bisect(G_of_lam, 0.0, half, 0.5 * half, atol=0.0)
+        r = zabs - lam
+    return r * scale, lam * scale
 
 
 def proj_pow(v: np.ndarray, alpha: float) -> np.ndarray:
@@ -757,7 +786,8 @@ def proj_pow(v: np.ndarray, alpha: float) -> np.ndarray:
     K_a = {(x, y, z) : x, y >= 0, x^a y^(1-a) >= |z|}. The result is v for
     v in K; 0 for v in -K*; (max(x, 0), max(y, 0), 0) when z = 0;
     otherwise (x(r), y(r), sign(z) r) with r in (0, |z|) the root of a
-    univariate equation (see `_pow_r`), found by safeguarded Newton.
+    univariate equation (see `_pow_r`), found by safeguarded Newton to
+    relative precision in min(r, |z| - r).
 
     Args:
         v: array (3,).
@@ -774,8 +804,8 @@ def proj_pow(v: np.ndarray, alpha: float) -> np.ndarray:
         return np.zeros(3)
     if region == "z=0":
         return np.array([max(x0, 0.0), max(y0, 0.0), 0.0])
-    r = _pow_r(x0, y0, z0, alpha)
-    x, y, _, _ = _pow_xy(x0, y0, r, abs(z0), alpha)
+    r, lam = _pow_r(x0, y0, z0, alpha)
+    x, y, _, _ = _pow_xy(x0, y0, r, lam, 0.0, alpha)
     return np.array([x, y, math.copysign(r, z0)])
 
 

@@ -300,11 +300,29 @@ class Layer:
         batch = C.shape[0]
         options = self.solver_options
         cone = self._cone
+        X = np.zeros((batch, cp_.n))
+        Y = np.zeros((batch, cp_.m))
+        S = np.zeros((batch, cp_.m))
+        todo = np.arange(batch)
+        if warm_start is not None:
+            warm = [np.asarray(w, dtype=np.float64).reshape(shape)
+                    for w, shape in zip(warm_start, self.state_shapes(batch))]
+            if self.refine:
+                # Newton steps from the previous solution often reach full
+                # accuracy without the solver; only the rest go to SCS.
+                Xr, Yr, Sr, res = self._refine_chunks(Av, Bv, C, *warm)
+                done = res <= _REFINE_ACCEPT
+                X[done], Y[done], S[done] = Xr[done], Yr[done], Sr[done]
+                todo = np.flatnonzero(~done)
+                logger.debug("warm-started refinement solved %d of %d",
+                             batch - todo.size, batch)
+        else:
+            warm = None
 
         def warm_for(i):
-            if warm_start is None:
+            if warm is None:
                 return None
-            return tuple(np.array(w[i], dtype=np.float64) for w in warm_start)
+            return tuple(np.array(w[i]) for w in warm)
 
         if self._A_constant:
             # One SCS workspace per thread keeps the factorization of A;
@@ -326,18 +344,23 @@ class Layer:
                 return _solve.solve_one(A, Bv[i], C[i], cone, options,
                                         warm_for(i))
 
-        results = self._map(one, range(batch))
-        X = np.stack([r[0] for r in results]).reshape(batch, cp_.n)
-        Y = np.stack([r[1] for r in results]).reshape(batch, cp_.m)
-        S = np.stack([r[2] for r in results]).reshape(batch, cp_.m)
+        if todo.size == 0:
+            return X, Y, S
+        results = self._map(one, todo)
+        X[todo] = np.stack([r[0] for r in results]).reshape(-1, cp_.n)
+        Y[todo] = np.stack([r[1] for r in results]).reshape(-1, cp_.m)
+        S[todo] = np.stack([r[2] for r in results]).reshape(-1, cp_.m)
         _solve.check_statuses([r[3] for r in results],
-                              [r[4] for r in results], batched)
+                              [r[4] for r in results], batched,
+                              indices=todo, batch_size=batch)
         if self.refine:
-            X, Y, S = self._refine(Av, Bv, C, X, Y, S)
+            sub = (Av[todo], Bv[todo], C[todo])
+            Xr, Yr, Sr = self._refine(*sub, X[todo], Y[todo], S[todo])
+            X[todo], Y[todo], S[todo] = Xr, Yr, Sr
         return X, Y, S
 
-    def _refine(self, Av, Bv, C, X, Y, S):
-        """Newton-polish the batch; re-solve tightly what does not refine."""
+    def _refine_chunks(self, Av, Bv, C, X, Y, S):
+        """Refine the batch in chunks on the thread pool."""
         cp_ = self.compiled
         batch = X.shape[0]
         rows = cp_.A_indices
@@ -352,16 +375,20 @@ class Layer:
                                   Y[sl], S[sl], cp_.dims)
 
         results = self._map(chunk, range(0, batch, step))
-        X = np.concatenate([r[0] for r in results])
-        Y = np.concatenate([r[1] for r in results])
-        S = np.concatenate([r[2] for r in results])
-        res = np.concatenate([r[3] for r in results])
+        return tuple(np.concatenate([r[k] for r in results])
+                     for k in range(4))
+
+    def _refine(self, Av, Bv, C, X, Y, S):
+        """Newton-polish the batch; re-solve tightly what does not refine."""
+        cp_ = self.compiled
+        batch = X.shape[0]
+        X, Y, S, res = self._refine_chunks(Av, Bv, C, X, Y, S)
         failed = np.flatnonzero(~(res <= _REFINE_ACCEPT))
         if failed.size:
             logger.info("refinement left %d of %d elements above %.0e; "
                         "solving them again at tight tolerance",
                         failed.size, batch, _REFINE_ACCEPT)
-            # The user's settings, but SCS's own tolerances tight.
+        # The user's settings, but SCS's own tolerances tight.
             options = dict(self.solver_options)
             for key in ("eps_abs", "eps_rel"):
                 options[key] = min(options[key],

@@ -78,17 +78,30 @@ class Workspace:
                 int(info["status_val"]), str(info["status"]))
 
 
-def check_statuses(status_vals, statuses, batched):
-    """Raise SolverError for failed elements, warn for inaccurate ones."""
+def check_statuses(status_vals, statuses, batched, indices=None,
+                   batch_size=None):
+    """Raise SolverError for failed elements, warn for inaccurate ones.
+
+    Args:
+        status_vals, statuses: SCS's status value and text per element.
+        batched: whether the call had a batch dimension (for the message).
+        indices: the batch index of each element (default 0, 1, ...).
+        batch_size: the size of the whole batch (default: len(statuses)).
+    """
     import warnings
 
     status_vals = np.asarray(status_vals)
-    failed = np.flatnonzero((status_vals != SOLVED)
-                            & (status_vals != SOLVED_INACCURATE))
+    if indices is None:
+        indices = np.arange(status_vals.size)
+    indices = np.asarray(indices)
+    statuses = dict(zip(indices.tolist(), statuses))
+    batch_size = status_vals.size if batch_size is None else batch_size
+    failed = indices[(status_vals != SOLVED)
+                     & (status_vals != SOLVED_INACCURATE)]
     if failed.size:
         listing = ", ".join(f"{i}: {statuses[i]}" for i in failed[:20])
         more = "" if failed.size <= 20 else f" (and {failed.size - 20} more)"
-        where = (f"{failed.size} of {len(status_vals)} batch elements"
+        where = (f"{failed.size} of {batch_size} batch elements"
                  if batched else "the problem")
         raise SolverError(
             f"The solver failed on {where}; element: status = {listing}{more}. "
@@ -98,7 +111,7 @@ def check_statuses(status_vals, statuses, batched):
             elements=failed,
             statuses=[statuses[i] for i in failed],
         )
-    inaccurate = np.flatnonzero(status_vals == SOLVED_INACCURATE)
+    inaccurate = indices[status_vals == SOLVED_INACCURATE]
     if inaccurate.size:
         warnings.warn(
             "SCS returned an inaccurate solution for batch element(s) "
