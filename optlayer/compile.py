@@ -162,15 +162,15 @@ def _check_arguments(problem, parameters, variables):
         raise ValueError("variables is empty; request at least one output.")
     problem_vars = {v.id for v in problem.variables()}
     for i, var in enumerate(variables):
-        if isinstance(var, cp.Variable) and not _owning_constraint(problem,
-                                                                   var):
+        if isinstance(var, cp.Variable) and \
+                _owning_constraint(problem, var) is None:
             if var.id not in problem_vars:
                 raise ValueError(
                     f"variables[{i}] '{_name(var)}' does not appear in the "
                     "problem; request only the problem's variables or the "
                     "dual variables of its constraints."
                 )
-        elif not _owning_constraint(problem, var):
+        elif _owning_constraint(problem, var) is None:
             raise ValueError(
                 f"variables[{i}] must be a cvxpy.Variable of the problem or "
                 "a dual variable of one of its constraints "

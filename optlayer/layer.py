@@ -352,10 +352,12 @@ class Layer:
         S[todo] = np.stack([r[2] for r in results]).reshape(-1, cp_.m)
         _solve.check_statuses([r[3] for r in results],
                               [r[4] for r in results], batched,
-                              indices=todo, batch_size=batch)
+                              indices=todo, batch_size=batch,
+                              warn=not self.refine)
         if self.refine:
             sub = (Av[todo], Bv[todo], C[todo])
-            Xr, Yr, Sr = self._refine(*sub, X[todo], Y[todo], S[todo])
+            Xr, Yr, Sr = self._refine(*sub, X[todo], Y[todo], S[todo],
+                                      todo, batched, batch)
             X[todo], Y[todo], S[todo] = Xr, Yr, Sr
         return X, Y, S
 
@@ -378,7 +380,7 @@ class Layer:
         return tuple(np.concatenate([r[k] for r in results])
                      for k in range(4))
 
-    def _refine(self, Av, Bv, C, X, Y, S):
+    def _refine(self, Av, Bv, C, X, Y, S, indices, batched, batch_size):
         """Newton-polish the batch; re-solve tightly what does not refine."""
         cp_ = self.compiled
         batch = X.shape[0]
@@ -388,18 +390,23 @@ class Layer:
             logger.info("refinement left %d of %d elements above %.0e; "
                         "solving them again at tight tolerance",
                         failed.size, batch, _REFINE_ACCEPT)
-        # The user's settings, but SCS's own tolerances tight.
+            # The user's settings, but SCS's own tolerances tight.
             options = dict(self.solver_options)
             for key in ("eps_abs", "eps_rel"):
                 options[key] = min(options[key],
                                    _solve.DEFAULT_SOLVER_OPTIONS[key])
+            results = []
             for i in failed:
                 A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
                                       (cp_.m, cp_.n))
-                x, y, s, status_val, status = _solve.solve_one(
-                    A, Bv[i], C[i], self._cone, options, (X[i], Y[i], S[i]))
-                _solve.check_statuses([status_val], [status], False)
-                X[i], Y[i], S[i] = x, y, s
+                results.append(_solve.solve_one(
+                    A, Bv[i], C[i], self._cone, options, (X[i], Y[i], S[i])))
+            _solve.check_statuses([r[3] for r in results],
+                                  [r[4] for r in results], batched,
+                                  indices=np.asarray(indices)[failed],
+                                  batch_size=batch_size)
+            for i, r in zip(failed, results):
+                X[i], Y[i], S[i] = r[0], r[1], r[2]
         return X, Y, S
 
     def _recover(self, X, Y, w, batched):

@@ -79,7 +79,7 @@ class Workspace:
 
 
 def check_statuses(status_vals, statuses, batched, indices=None,
-                   batch_size=None):
+                   batch_size=None, warn=True):
     """Raise SolverError for failed elements, warn for inaccurate ones.
 
     Args:
@@ -87,6 +87,8 @@ def check_statuses(status_vals, statuses, batched, indices=None,
         batched: whether the call had a batch dimension (for the message).
         indices: the batch index of each element (default 0, 1, ...).
         batch_size: the size of the whole batch (default: len(statuses)).
+        warn: warn about inaccurate elements (off when a later step, such
+            as refinement, checks their accuracy itself).
     """
     import warnings
 
@@ -112,7 +114,7 @@ def check_statuses(status_vals, statuses, batched, indices=None,
             statuses=[statuses[i] for i in failed],
         )
     inaccurate = indices[status_vals == SOLVED_INACCURATE]
-    if inaccurate.size:
+    if inaccurate.size and warn:
         warnings.warn(
             "SCS returned an inaccurate solution for batch element(s) "
             f"{inaccurate.tolist()[:20]}; outputs and gradients may be "

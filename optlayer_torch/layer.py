@@ -1,0 +1,209 @@
+"""The PyTorch layer: ``torch.nn.Module`` over a ``torch.autograd.Function``.
+
+All mathematics lives in the NumPy core (:class:`optlayer.Layer`). This
+module only moves tensors to float64 NumPy arrays on the CPU, calls the core,
+and moves the results back to the inputs' dtype and device.
+"""
+
+import numpy as np
+import torch
+
+import optlayer
+
+
+class Layer(torch.nn.Module):
+    """A parametrized convex problem as a differentiable PyTorch module.
+
+    The forward pass solves ``problem`` for the given parameter values; the
+    backward pass returns the gradient of a loss on the solution with respect
+    to every input that requires one (implicit differentiation of the cone
+    program, done by the NumPy core).
+
+    Args:
+        problem: a DPP ``cvxpy.Problem``.
+        parameters: every ``cvxpy.Parameter`` of the problem, each once; the
+            layer takes their values in this order.
+        variables: the outputs: ``cvxpy.Variable`` objects of the problem or
+            dual variables of its constraints
+            (``constraint.dual_variables[0]``).
+        **options: keyword options of :class:`optlayer.Layer`
+            (``solver_options``, ``n_jobs``, ``warm_start``).
+
+    Calling the module with one value per parameter returns a tuple with one
+    tensor per requested variable. A value has the parameter's shape
+    (unbatched, shared by the whole batch) or one more leading dimension
+    (batched); the gradient of an unbatched value is summed over the batch.
+    Values may be tensors, NumPy arrays or Python numbers.
+
+    Outputs take the dtype of the tensor inputs (``torch.promote_types``
+    over them, or the default dtype if that is not a floating type). With no
+    tensor input, floating NumPy arrays keep their dtype and other values
+    count as the default dtype. Outputs go to the device of the first tensor
+    input not on the CPU (else the CPU). The solve itself always runs in
+    float64 on the CPU. Each gradient has its input's dtype and device.
+    Double backward is not supported.
+
+    Example:
+        >>> import cvxpy as cp, torch, optlayer_torch
+        >>> x = cp.Variable(2)
+        >>> a = cp.Parameter(2)
+        >>> prob = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0])
+        >>> layer = optlayer_torch.Layer(prob, [a], [x])
+        >>> a_t = torch.tensor([1.0, -1.0], requires_grad=True)
+        >>> (sol,) = layer(a_t)                       # ~ [1, 0]
+        >>> sol.sum().backward()                      # a_t.grad ~ [1, 0]
+
+    Raises:
+        ValueError: at construction, if the problem is not DPP or the
+            parameters or variables do not match the problem; at call time,
+            for values of the wrong shape, non-finite values, or values
+            outside a parameter's declared domain (the core's messages).
+        optlayer.SolverError: if any solve in the batch fails.
+    """
+
+    def __init__(self, problem, parameters, variables, **options):
+        super().__init__()
+        # Kept as a plain attribute (not a submodule, no tensors): it is
+        # compiled from the problem, so state_dict has nothing to store.
+        self.core = optlayer.Layer(problem, parameters, variables, **options)
+
+    @property
+    def param_shapes(self):
+        """The parameters' shapes (unbatched), in input order."""
+        return self.core.param_shapes
+
+    @property
+    def output_shapes(self):
+        """The outputs' shapes (unbatched), in output order."""
+        return self.core.output_shapes
+
+    def forward(self, *values):
+        """Solve for the given parameter values.
+
+        Args:
+            *values: one tensor (or array, or number) per parameter, shaped
+                like the parameter or with one more leading batch dimension.
+
+        Returns:
+            A tuple with one tensor per requested variable, shaped like the
+            variable, with a leading batch dimension if any input has one.
+        """
+        values = _unpack(values, len(self.core.parameters))
+        try:
+            tensors = tuple(_as_tensor(v) for v in values)
+        except (TypeError, ValueError):
+            # Let the core report it: its message names the parameter.
+            self.core.batch_size(*(_to_float64(v)
+                                   if isinstance(v, torch.Tensor) else v
+                                   for v in values))
+            raise
+        dtype, device = _output_spec(values)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return _SolveFunction.apply(self.core, dtype, device, *tensors)
+
+        # Nothing to differentiate: solve without recording any state.
+        arrays = [_to_float64(t) for t in tensors]
+        outputs = self.core(*arrays)
+        return tuple(_from_float64(o, dtype, device) for o in outputs)
+
+    def extra_repr(self):
+        shapes = ", ".join(str(s) for s in self.core.param_shapes)
+        outs = ", ".join(str(s) for s in self.core.output_shapes)
+        return f"parameters=[{shapes}], outputs=[{outs}]"
+
+
+class _SolveFunction(torch.autograd.Function):
+    """Forward: the core's batched solve. Backward: the core's adjoint."""
+
+    @staticmethod
+    def forward(ctx, core, dtype, device, *tensors):
+        arrays = [_to_float64(t) for t in tensors]
+        outputs, state = core.solve(*arrays)
+
+        # The backward pass needs the values the solution was computed at
+        # and the primal-dual solution; both are private float64 copies.
+        ctx.core = core
+        ctx.arrays = arrays
+        ctx.state = state
+        ctx.input_specs = [(t.dtype, t.device) for t in tensors]
+        # Outputs nobody uses arrive as None: the core treats them as zero.
+        ctx.set_materialize_grads(False)
+        return tuple(_from_float64(o, dtype, device) for o in outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_outputs):
+        # The first three inputs of forward (core, dtype, device) have no
+        # gradient.
+        needs = list(ctx.needs_input_grad[3:])
+        nones = (None, None, None)
+        if not any(needs):
+            return nones + (None,) * len(needs)
+        cotangents = [None if g is None else _to_float64(g)
+                      for g in grad_outputs]
+        grads = ctx.core.adjoint(ctx.arrays, ctx.state, cotangents,
+                                 needs_grad=needs)
+        result = []
+        for g, (dtype, device) in zip(grads, ctx.input_specs):
+            result.append(None if g is None
+                          else _from_float64(g, dtype, device))
+        return nones + tuple(result)
+
+
+# Floating NumPy dtypes torch can hold; wider ones (longdouble) map to
+# float64, the precision of the solve.
+_NUMPY_FLOATS = {np.dtype(np.float16): torch.float16,
+                 np.dtype(np.float32): torch.float32,
+                 np.dtype(np.float64): torch.float64}
+
+
+def _unpack(values, num_params):
+    """Accept one list or tuple of values, as the core does."""
+    if len(values) == 1 and isinstance(values[0], (list, tuple)) and \
+            num_params != 1:
+        return tuple(values[0])
+    return tuple(values)
+
+
+def _as_tensor(value):
+    """``value`` itself if a tensor, else a float64 CPU tensor (no grad)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.from_numpy(np.array(value, dtype=np.float64))
+
+
+def _output_spec(values):
+    """The dtype and device of the outputs for these input values."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if tensors:
+        dtypes = [t.dtype for t in tensors]
+    else:
+        # No tensor at all: NumPy inputs keep their precision (float64
+        # arrays give float64 outputs); Python numbers and lists get the
+        # default dtype, as torch.as_tensor would give them.
+        dtypes = [_NUMPY_FLOATS.get(v.dtype, torch.float64)
+                  if isinstance(v, (np.ndarray, np.generic))
+                  and v.dtype.kind == "f" else torch.get_default_dtype()
+                  for v in values]
+    dtype = None
+    for d in dtypes:
+        dtype = d if dtype is None else torch.promote_types(dtype, d)
+    if dtype is None or not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    device = next((t.device for t in tensors if t.device.type != "cpu"),
+                  torch.device("cpu"))
+    return dtype, device
+
+
+def _to_float64(tensor):
+    """A private float64 NumPy copy of ``tensor`` (on the CPU, detached).
+
+    Always a copy: a view would change if the caller later modified the
+    tensor in place, and the backward pass must see the forward's values.
+    """
+    return np.array(tensor.numpy(force=True), dtype=np.float64, copy=True)
+
+
+def _from_float64(array, dtype, device):
+    return torch.from_numpy(np.ascontiguousarray(array)).to(
+        device=device, dtype=dtype)

@@ -1,0 +1,603 @@
+"""Tests of the NumPy core (optlayer.Layer) on every case of the problem zoo.
+
+Every case is checked at batch sizes None (unbatched), 1 and 5 (mixed
+batched and shared parameters, as the case's ``batch_mask`` says) against:
+
+* CVXPY's own solve of the same instance (Clarabel at tight tolerances);
+* central finite differences of the layer's forward map (the gradient);
+* closed forms where the zoo has them (ReLU, projections, softmax, ...).
+
+Tolerances, and why:
+
+* Forward: ``FORWARD_RTOL = 1e-6`` relative to ``max(1, max |ref|)`` per
+  output. Both solvers run at 1e-10; the slack covers Clarabel's
+  interior-point accuracy on exponential and power cones.
+* Gradients: ``FD_RTOL = 1e-4`` relative to ``max(1, |analytic|)`` with
+  steps ``FD_STEP = 1e-5`` times ``max(1, |theta|)``. The forward map is
+  computed to about 1e-10, so a central difference carries a noise of about
+  1e-10 / h = 1e-5, and its truncation error is O(h^2) = 1e-10; a step of
+  1e-6 would put the noise (1e-4) at the tolerance. Any sign or
+  transposition slip in the adjoint is O(1) and fails by far.
+* Closed forms: ``CLOSED_FORM_TOL = 1e-6``, relative to ``max(1, |ref|)``.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+import zlib
+
+import cvxpy as cp
+import numpy as np
+import pytest
+
+import optlayer
+from tests.zoo import (
+    CASES,
+    get_case,
+    make_inputs,
+    relu_closed_form,
+    relu_closed_form_grad,
+)
+
+BATCH_SIZES = [None, 1, 5]
+FORWARD_RTOL = 1e-6
+FD_STEP = 1e-5
+FD_RTOL = 1e-4
+CLOSED_FORM_TOL = 1e-6
+# Central differences per parameter entry are capped at this many probes
+# per test (a random subset beyond it); batched parameters of a batch of
+# more than one are probed along random directions instead.
+MAX_ENTRY_PROBES = 30
+RANDOM_DIRECTIONS = 4
+
+# Tighter than 1e-10: on smooth objectives (entropy, logistic) a duality
+# gap g only pins the solution to about sqrt(g), and a gap of 1e-10 left
+# Clarabel's solution 1e-6 off the closed form.
+CLARABEL_OPTIONS = {
+    "tol_gap_abs": 1e-12,
+    "tol_gap_rel": 1e-12,
+    "tol_feas": 1e-12,
+    # The default 1e-6 stops exponential and power cone solves early.
+    "tol_ktratio": 1e-10,
+    "max_iter": 500,
+}
+SCS_OPTIONS = {"eps_abs": 1e-10, "eps_rel": 1e-10, "max_iters": 200_000}
+
+def _case_params(cases=CASES):
+    params = []
+    for case in cases:
+        params.append(pytest.param(case, id=case.name))
+    return params
+
+
+def _rng(*key):
+    """A generator seeded by the test's identity, stable across runs."""
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+@functools.cache
+def _layer(name):
+    """One compiled layer per case, shared by the tests (compiling is the
+    slow part; calls are stateless without warm starts)."""
+    case = get_case(name)
+    problem, params, variables = case.build()
+    return optlayer.Layer(problem, params, variables, **case.layer_kwargs)
+
+
+def _is_symmetric_param(param):
+    return any(param.attributes.get(a) for a in ("symmetric", "PSD", "NSD"))
+
+
+def _elements(layer, values):
+    """Split values into per-element unbatched values.
+
+    Returns:
+        ``(batch, elements)``: the batch size (None if unbatched) and one
+        list of values per batch element.
+    """
+    batch = layer.batch_size(*values)
+    if batch is None:
+        return None, [list(values)]
+    elements = []
+    for k in range(batch):
+        element = []
+        for v, shape in zip(values, layer.param_shapes):
+            if v.shape == tuple(shape):
+                element.append(v)
+            else:
+                element.append(v[k if v.shape[0] > 1 else 0])
+        elements.append(element)
+    return batch, elements
+
+
+def _stack(batch, per_element):
+    """Per-element tuples of arrays -> one tuple, batched if ``batch``."""
+    if batch is None:
+        return tuple(per_element[0])
+    return tuple(np.stack(arrays) for arrays in zip(*per_element))
+
+
+def _aggregate_grads(layer, values, per_element):
+    """Per-element gradients -> gradients shaped like the values: stacked
+    for batched values, summed over the batch for shared ones."""
+    grads = []
+    for i, (v, shape) in enumerate(zip(values, layer.param_shapes)):
+        parts = np.stack([np.asarray(g[i], dtype=float) for g in per_element])
+        if v.shape == tuple(shape):
+            grads.append(parts.sum(axis=0))
+        elif v.shape[0] == 1:
+            grads.append(parts.sum(axis=0, keepdims=True))
+        else:
+            grads.append(parts)
+    return grads
+
+
+def _assert_close(got, want, rtol, what):
+    got = np.asarray(got, dtype=float)
+    want = np.asarray(want, dtype=float)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    scale = max(1.0, float(np.max(np.abs(want), initial=0.0)))
+    err = float(np.max(np.abs(got - want), initial=0.0))
+    assert err <= rtol * scale, (
+        f"{what}: max abs error {err:.3g} > {rtol:g} * {scale:.3g}"
+    )
+
+
+def reference_solve(case, element):
+    """CVXPY's own solution of one unbatched instance of ``case``.
+
+    Clarabel at tight tolerances; SCS at eps 1e-10 when Clarabel does not
+    take the problem or does not reach an optimal status.
+    """
+    problem, params, variables = case.build()
+    for param, value in zip(params, element):
+        param.value = value
+    try:
+        with warnings.catch_warnings():
+            # An inaccurate Clarabel solve is redone with SCS below.
+            warnings.filterwarnings("ignore", "Solution may be inaccurate")
+            problem.solve(cp.CLARABEL, **CLARABEL_OPTIONS)
+    except cp.error.SolverError:
+        pass
+    if problem.status != cp.OPTIMAL:
+        problem.solve(cp.SCS, **SCS_OPTIONS)
+    assert problem.status == cp.OPTIMAL, f"reference solve: {problem.status}"
+    return tuple(np.asarray(v.value, dtype=float) for v in variables)
+
+
+def _random_cotangents(layer, batch, rng):
+    lead = () if batch is None else (batch,)
+    return [rng.normal(size=lead + tuple(s)) for s in layer.output_shapes]
+
+
+def _probe_directions(layer, values, rng):
+    """Perturbation directions for finite differences.
+
+    Unit directions for every entry of shared parameters and of batches of
+    one (a random subset of ``MAX_ENTRY_PROBES`` if there are more), plus
+    ``RANDOM_DIRECTIONS`` random directions over all parameters at once when
+    some parameter has a batch of more than one. Directions of symmetric
+    parameters are symmetrized, so perturbed values keep their domain.
+    """
+    def symmetrize(i, d):
+        if _is_symmetric_param(layer.parameters[i]):
+            return (d + np.swapaxes(d, -1, -2)) / 2
+        return d
+
+    entries = []
+    big_batch = False
+    for i, (v, shape) in enumerate(zip(values, layer.param_shapes)):
+        if v.shape != tuple(shape) and v.shape[0] > 1:
+            big_batch = True
+            continue
+        entries.extend((i, k) for k in range(v.size))
+    if len(entries) > MAX_ENTRY_PROBES:
+        keep = rng.choice(len(entries), MAX_ENTRY_PROBES, replace=False)
+        entries = [entries[j] for j in sorted(keep)]
+    directions = []
+    for i, k in entries:
+        d = [np.zeros_like(v) for v in values]
+        d[i].flat[k] = 1.0
+        d[i] = symmetrize(i, d[i])
+        directions.append(d)
+    if big_batch:
+        for _ in range(RANDOM_DIRECTIONS):
+            directions.append([symmetrize(i, rng.normal(size=v.shape))
+                               for i, v in enumerate(values)])
+    return directions
+
+
+def _finite_difference(layer, values, direction, cotangents):
+    """Central difference of ``<cotangents, f(values)>`` along direction."""
+    moved = [np.abs(v[d != 0]) for v, d in zip(values, direction)]
+    scale = max([1.0] + [float(m.max()) for m in moved if m.size])
+    h = FD_STEP * scale
+    plus = layer(*[v + h * d for v, d in zip(values, direction)])
+    minus = layer(*[v - h * d for v, d in zip(values, direction)])
+    return sum(float(np.sum((p - m) * w))
+               for p, m, w in zip(plus, minus, cotangents)) / (2 * h)
+
+
+def assert_vjp_matches_finite_differences(layer, values, rng):
+    """Check ``layer.vjp`` against central differences; see module doc."""
+    batch = layer.batch_size(*values)
+    cotangents = _random_cotangents(layer, batch, rng)
+    grads = layer.vjp(values, cotangents)
+    assert len(grads) == len(values)
+    for g, v in zip(grads, values):
+        assert np.shape(g) == v.shape
+    failures = []
+    for direction in _probe_directions(layer, values, rng):
+        fd = _finite_difference(layer, values, direction, cotangents)
+        analytic = sum(float(np.sum(g * d)) for g, d in zip(grads, direction))
+        if abs(fd - analytic) > FD_RTOL * max(1.0, abs(analytic)):
+            where = [(i, np.flatnonzero(d).tolist()[:4])
+                     for i, d in enumerate(direction) if np.any(d)]
+            failures.append(f"direction {where}: analytic {analytic:.9g}, "
+                            f"finite difference {fd:.9g}")
+    assert not failures, "\n".join(failures)
+
+
+# -- forward ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+@pytest.mark.parametrize("case", _case_params())
+def test_forward_matches_cvxpy(case, batch_size):
+    layer = _layer(case.name)
+    values = make_inputs(case, _rng("forward", case.name, batch_size),
+                         batch_size)
+    outputs = layer(*values)
+
+    lead = () if batch_size is None else (batch_size,)
+    assert len(outputs) == len(layer.output_shapes)
+    for out, shape in zip(outputs, layer.output_shapes):
+        assert out.shape == lead + tuple(shape)
+        assert out.dtype == np.float64
+
+    batch, elements = _elements(layer, values)
+    assert batch == batch_size
+    reference = _stack(batch, [reference_solve(case, e) for e in elements])
+    for k, (got, want) in enumerate(zip(outputs, reference)):
+        _assert_close(got, want, FORWARD_RTOL, f"output {k}")
+
+
+# -- gradients -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+@pytest.mark.parametrize("case", _case_params())
+def test_vjp_matches_finite_differences(case, batch_size):
+    layer = _layer(case.name)
+    rng = _rng("fd", case.name, batch_size)
+    values = make_inputs(case, rng, batch_size)
+    assert_vjp_matches_finite_differences(layer, values, rng)
+
+
+CLOSED_FORM_CASES = [c for c in CASES if c.closed_form is not None]
+
+
+@pytest.mark.parametrize("batch_size", [None, 5])
+@pytest.mark.parametrize("case", _case_params(CLOSED_FORM_CASES))
+def test_closed_form(case, batch_size):
+    layer = _layer(case.name)
+    rng = _rng("closed", case.name, batch_size)
+    values = make_inputs(case, rng, batch_size)
+    batch, elements = _elements(layer, values)
+
+    outputs = layer(*values)
+    expected = _stack(batch, [case.closed_form(e) for e in elements])
+    for k, (got, want) in enumerate(zip(outputs, expected)):
+        _assert_close(got, want, CLOSED_FORM_TOL, f"output {k}")
+
+    if case.closed_form_grad is None:
+        return
+    cotangents = _random_cotangents(layer, batch, rng)
+    grads = layer.vjp(values, cotangents)
+    per_element = []
+    for k, element in enumerate(elements):
+        cot = cotangents if batch is None else [w[k] for w in cotangents]
+        per_element.append(case.closed_form_grad(element, cot))
+    expected = _aggregate_grads(layer, values, per_element)
+    for i, (got, want) in enumerate(zip(grads, expected)):
+        _assert_close(got, want, CLOSED_FORM_TOL, f"gradient {i}")
+
+
+def _relu_values(rng, batched):
+    """(W, b, x) with |Wx + b| > 1e-3 in every element; ``batched`` is a
+    triple of booleans, one per parameter, with a batch of 4."""
+    shapes = [(3, 4), (3,), (4,)]
+    batch = 4 if any(batched) else None
+    for _ in range(1000):
+        values = [rng.normal(size=((batch,) if f else ()) + s)
+                  for f, s in zip(batched, shapes)]
+        W, b, x = values
+        pre = (np.einsum("...ij,...j->...i", W, x) + b)
+        if np.all(np.abs(pre) > 1e-3):
+            return values
+    raise RuntimeError("no ReLU sample away from the kink")
+
+
+@pytest.mark.parametrize("batched", [
+    (False, False, False),
+    (False, False, True),
+    (True, True, True),
+    (True, False, True),
+], ids=["unbatched", "x_batched", "all_batched", "W_x_batched"])
+def test_relu_closed_form(batched):
+    layer = _layer("relu")
+    rng = _rng("relu", batched)
+    values = _relu_values(rng, batched)
+    batch, elements = _elements(layer, values)
+
+    (z,) = layer(*values)
+    expected = _stack(batch, [relu_closed_form(e) for e in elements])[0]
+    _assert_close(z, expected, CLOSED_FORM_TOL, "z")
+
+    cotangents = _random_cotangents(layer, batch, rng)
+    grads = layer.vjp(values, cotangents)
+    per_element = [
+        relu_closed_form_grad(e, cotangents if batch is None
+                              else [cotangents[0][k]])
+        for k, e in enumerate(elements)
+    ]
+    expected = _aggregate_grads(layer, values, per_element)
+    for name, got, want in zip("Wbx", grads, expected):
+        _assert_close(got, want, CLOSED_FORM_TOL, f"gradient of {name}")
+
+
+# -- batch semantics -------------------------------------------------------
+
+
+def test_unbatched_and_batch_of_one_dimensions():
+    layer = _layer("relu")
+    case = get_case("relu")
+    rng = _rng("dims")
+    values = make_inputs(case, rng, None)
+    (z,) = layer(*values)
+    assert z.shape == (3,)
+
+    # A batch of one keeps its leading dimension, whichever input has it.
+    for i in range(3):
+        one = [v[None] if j == i else v for j, v in enumerate(values)]
+        (z1,) = layer(*one)
+        assert z1.shape == (1, 3)
+        np.testing.assert_allclose(z1[0], z, rtol=0, atol=1e-9)
+        grads = layer.vjp(one, [np.ones((1, 3))])
+        for j, (g, v) in enumerate(zip(grads, one)):
+            assert g.shape == v.shape, (i, j)
+    assert layer.batch_size(*values) is None
+    assert layer.batch_size(values[0], values[1], values[2][None]) == 1
+
+
+@pytest.mark.parametrize("case", _case_params())
+def test_batch_equals_elementwise(case):
+    layer = _layer(case.name)
+    rng = _rng("elementwise", case.name)
+    values = make_inputs(case, rng, 5)
+    batch, elements = _elements(layer, values)
+    outputs = layer(*values)
+    cotangents = _random_cotangents(layer, batch, rng)
+    grads = layer.vjp(values, cotangents)
+
+    singles = [layer(*e) for e in elements]
+    for k, got in enumerate(outputs):
+        for b, single in enumerate(singles):
+            _assert_close(got[b], single[k], 1e-8, f"output {k}, element {b}")
+
+    per_element = [layer.vjp(e, [w[b] for w in cotangents])
+                   for b, e in enumerate(elements)]
+    expected = _aggregate_grads(layer, values, per_element)
+    for i, (got, want) in enumerate(zip(grads, expected)):
+        _assert_close(got, want, 1e-7, f"gradient {i}")
+
+
+MULTI_PARAM_CASES = [c for c in CASES if len(c.batch_mask) >= 2]
+
+
+@pytest.mark.parametrize("case", _case_params(MULTI_PARAM_CASES))
+def test_batch_of_one_broadcasts(case):
+    layer = _layer(case.name)
+    rng = _rng("broadcast", case.name)
+    values = make_inputs(case, rng, 4)
+    shared = [i for i, f in enumerate(case.batch_mask) if not f]
+    # The same values, with the shared parameters given a batch of one.
+    ones = [v[None] if i in shared else v for i, v in enumerate(values)]
+    assert layer.batch_size(*ones) == 4
+
+    outputs = layer(*values)
+    outputs_ones = layer(*ones)
+    for k, (a, b) in enumerate(zip(outputs, outputs_ones)):
+        assert b.shape == a.shape
+        _assert_close(b, a, 1e-8, f"output {k}")
+
+    cotangents = _random_cotangents(layer, 4, rng)
+    grads = layer.vjp(values, cotangents)
+    grads_ones = layer.vjp(ones, cotangents)
+    for i, (g, g1) in enumerate(zip(grads, grads_ones)):
+        if i in shared:
+            # Summed over the batch, keeping the leading 1.
+            assert g1.shape == (1,) + g.shape
+            _assert_close(g1[0], g, 1e-7, f"gradient {i}")
+        else:
+            _assert_close(g1, g, 1e-7, f"gradient {i}")
+
+
+# -- state round trip ------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [None, 5])
+@pytest.mark.parametrize("case", _case_params())
+def test_solve_adjoint_round_trip(case, batch_size):
+    layer = _layer(case.name)
+    rng = _rng("state", case.name, batch_size)
+    values = make_inputs(case, rng, batch_size)
+    outputs, state = layer.solve(*values)
+    assert len(state) == 3
+    shapes = layer.state_shapes(batch_size or 1)
+    assert tuple(a.shape for a in state) == shapes
+    for a, b in zip(outputs, layer(*values)):
+        _assert_close(a, b, 1e-9, "outputs of solve and call")
+
+    cotangents = _random_cotangents(layer, batch_size, rng)
+    grads = layer.adjoint(values, state, cotangents)
+    reference = layer.vjp(values, cotangents)
+    for i, (g, r) in enumerate(zip(grads, reference)):
+        assert g.shape == values[i].shape
+        _assert_close(g, r, 1e-8, f"gradient {i}")
+
+    # needs_grad=False gives None and leaves the others unchanged.
+    needs = [i % 2 == 0 for i in range(len(values))]
+    partial = layer.adjoint(values, state, cotangents, needs_grad=needs)
+    for i, (g, r) in enumerate(zip(partial, grads)):
+        if needs[i]:
+            _assert_close(g, r, 1e-12, f"gradient {i}")
+        else:
+            assert g is None
+
+    # A None cotangent counts as zero.
+    zeroed = [None] + list(cotangents[1:])
+    explicit = [np.zeros_like(cotangents[0])] + list(cotangents[1:])
+    for g, r in zip(layer.adjoint(values, state, zeroed),
+                    layer.adjoint(values, state, explicit)):
+        _assert_close(g, r, 1e-12, "None cotangent")
+
+
+# -- accuracy on degenerate LPs and near cone boundaries --------------------
+
+
+def _lp_all_data():
+    x = cp.Variable(6)
+    c = cp.Parameter(6, name="c")
+    A = cp.Parameter((5, 6), name="A")
+    b = cp.Parameter(5, name="b")
+    problem = cp.Problem(cp.Minimize(c @ x),
+                         [A @ x <= b, x >= -1, x <= 1])
+    return optlayer.Layer(problem, [c, A, b], [x])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lp_gradients_with_all_data_parametrized(seed):
+    # An LP's KKT system is degenerate at every vertex (the derivative of
+    # the projection is 0/1 and complementary pairs are both zero), so the
+    # adjoint system is rank deficient beyond the two known null vectors.
+    layer = _lp_all_data()
+    rng = _rng("lp_all", seed)
+    values = [rng.normal(size=6), rng.normal(size=(5, 6)),
+              rng.uniform(0.2, 1.0, size=5)]
+    (x,) = layer(*values)
+    # Most of the box is active at a vertex: the solution is not interior.
+    assert np.sum(np.abs(np.abs(x) - 1) < 1e-6) >= 1
+    assert_vjp_matches_finite_differences(layer, values, rng)
+
+
+@pytest.mark.parametrize("smallest", [1e-3, 1e-2])
+def test_psd_projection_near_boundary(smallest):
+    # Eigenvalues +-smallest: the projection is near the PSD cone's boundary
+    # but still smooth at scales far above the finite-difference step.
+    case = get_case("psd_param")
+    layer = _layer("psd_param")
+    rng = _rng("psd_boundary", smallest)
+    Q = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    S = Q @ np.diag([-2 * smallest, smallest, 1.0]) @ Q.T
+    values = [(S + S.T) / 2]
+    (X,) = layer(*values)
+    _assert_close(X, case.closed_form(values)[0], CLOSED_FORM_TOL, "X")
+    W = rng.normal(size=(3, 3))
+    (g,) = layer.vjp(values, [W])
+    _assert_close(g, case.closed_form_grad(values, [W])[0], CLOSED_FORM_TOL,
+                  "gradient")
+    assert_vjp_matches_finite_differences(layer, values, rng)
+
+
+@functools.cache
+def _soc_projection_layer():
+    x = cp.Variable(4)
+    p = cp.Parameter(4, name="p")
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - p)),
+                         [cp.norm(x[1:], 2) <= x[0]])
+    return optlayer.Layer(problem, [p], [x])
+
+
+def _soc_projection(p):
+    t, u = p[0], p[1:]
+    nu = np.linalg.norm(u)
+    if nu <= t:
+        return p.copy()
+    if nu <= -t:
+        return np.zeros_like(p)
+    return (t + nu) / 2 * np.concatenate([[1.0], u / nu])
+
+
+@pytest.mark.parametrize("offset", [-1e-3, 1e-3], ids=["inside", "outside"])
+def test_soc_projection_near_boundary(offset):
+    layer = _soc_projection_layer()
+    rng = _rng("soc_boundary", offset)
+    u = rng.normal(size=3)
+    # ||u|| = t (1 + offset): just outside or just inside the cone.
+    p = np.concatenate([[np.linalg.norm(u) / (1 + offset)], u])
+    (x,) = layer(p)
+    _assert_close(x, _soc_projection(p), CLOSED_FORM_TOL, "x")
+    assert_vjp_matches_finite_differences(layer, [p], rng)
+
+
+def test_entropy_near_exp_cone_boundary():
+    # One weight of about 1e-4: the exponential cone's solution is close to
+    # its boundary x = 0.
+    case = get_case("entropy")
+    layer = _layer("entropy")
+    rng = _rng("exp_boundary")
+    values = [np.array([-8.0, 0.3, 1.0, -0.4]), np.array(1.0)]
+    (x,) = layer(*values)
+    assert x.min() < 1e-3
+    _assert_close(x, case.closed_form(values)[0], CLOSED_FORM_TOL, "x")
+    w = rng.normal(size=4)
+    grads = layer.vjp(values, [w])
+    for i, (g, r) in enumerate(zip(grads, case.closed_form_grad(values, [w]))):
+        _assert_close(g, r, CLOSED_FORM_TOL, f"gradient {i}")
+    assert_vjp_matches_finite_differences(layer, values, rng)
+
+
+# -- import isolation ------------------------------------------------------
+
+
+def test_import_without_frameworks():
+    # The frameworks are blocked by an import hook that makes their import
+    # fail. Setting sys.modules[name] = None would block them too, but
+    # SciPy (imported by CVXPY) reads sys.modules["torch"] on import and
+    # breaks on the None entry, with or without optlayer.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = textwrap.dedent("""
+        import sys
+        BLOCKED = ("torch", "tensorflow", "jax", "keras")
+
+        class Blocker:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ModuleNotFoundError(f"blocked: {name}")
+                return None
+
+        sys.meta_path.insert(0, Blocker())
+        import numpy as np
+        import optlayer
+        from tests.zoo import get_case, make_inputs, relu_closed_form
+        case = get_case("relu")
+        problem, params, variables = case.build()
+        layer = optlayer.Layer(problem, params, variables)
+        values = make_inputs(case, np.random.default_rng(0), None)
+        (z,) = layer(*values)
+        assert np.allclose(z, relu_closed_form(values)[0], atol=1e-6)
+        grads = layer.vjp(values, [np.ones(3)])
+        assert len(grads) == 3
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        print("LOADED:", loaded)
+    """)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LOADED: []" in result.stdout, result.stdout

@@ -1,0 +1,419 @@
+"""Every error, warning and side channel of the NumPy core, message checked.
+
+Construction errors (not DPP, parameters or variables that do not match the
+problem), call errors (count, shape, batch size, NaN/inf, declared domains),
+solver failures (``optlayer.SolverError`` naming batch elements and
+statuses), inaccurate-solve warnings, and silence: nothing printed, logging
+only through the ``optlayer`` logger.
+"""
+
+import logging
+import os
+import re
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+
+import optlayer
+from tests.zoo import get_case, make_inputs
+
+
+def _relu():
+    """The zoo's ReLU problem: parameters W (3, 4), b (3,), x (4,)."""
+    return get_case("relu").build()
+
+
+@pytest.fixture(scope="module")
+def relu_layer():
+    problem, params, variables = _relu()
+    return optlayer.Layer(problem, params, variables)
+
+
+@pytest.fixture
+def relu_values():
+    return make_inputs(get_case("relu"), np.random.default_rng(0), None)
+
+
+# -- construction ----------------------------------------------------------
+
+
+def test_not_dpp():
+    x = cp.Variable(2)
+    a = cp.Parameter(name="a")
+    b = cp.Parameter(name="b")
+    # A product of two parameters is DCP but not DPP.
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x) + a * b * cp.sum(x)))
+    assert problem.is_dcp() and not problem.is_dpp()
+    with pytest.raises(ValueError, match=r"not DPP"):
+        optlayer.Layer(problem, [a, b], [x])
+
+
+def test_problem_must_be_a_problem():
+    x = cp.Variable(2)
+    with pytest.raises(ValueError, match=r"problem must be a cvxpy\.Problem"):
+        optlayer.Layer(cp.Minimize(cp.sum(x)), [], [x])
+
+
+def test_parameter_missing():
+    problem, (W, b, x), variables = _relu()
+    with pytest.raises(ValueError,
+                       match=r"parameter\(s\) 'x' are missing from parameters"):
+        optlayer.Layer(problem, [W, b], variables)
+
+
+def test_parameter_not_in_problem():
+    problem, params, variables = _relu()
+    other = cp.Parameter(2, name="other")
+    with pytest.raises(ValueError, match=r"parameters\[3\] 'other' does not "
+                                         r"appear in the problem"):
+        optlayer.Layer(problem, params + [other], variables)
+
+
+def test_parameter_listed_twice():
+    problem, (W, b, x), variables = _relu()
+    with pytest.raises(ValueError, match=r"Parameter 'W' is listed twice in "
+                                         r"parameters \(again at position 3\)"):
+        optlayer.Layer(problem, [W, b, x, W], variables)
+
+
+def test_parameter_must_be_a_parameter():
+    problem, (W, b, x), variables = _relu()
+    with pytest.raises(ValueError, match=r"parameters\[2\] must be a "
+                                         r"cvxpy\.Parameter, got ndarray"):
+        optlayer.Layer(problem, [W, b, np.zeros(4)], variables)
+
+
+def test_variable_not_in_problem():
+    problem, params, _ = _relu()
+    stranger = cp.Variable(3, name="stranger")
+    with pytest.raises(ValueError, match=r"variables\[0\] 'stranger' does not "
+                                         r"appear in the problem"):
+        optlayer.Layer(problem, params, [stranger])
+
+
+def test_no_variables():
+    problem, params, _ = _relu()
+    with pytest.raises(ValueError, match=r"variables is empty"):
+        optlayer.Layer(problem, params, [])
+
+
+def test_problem_without_parameters():
+    x = cp.Variable(2)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - 1)))
+    with pytest.raises(ValueError, match=r"The problem has no parameters"):
+        optlayer.Layer(problem, [], [x])
+
+
+# -- call: count, shape, batch size ----------------------------------------
+
+
+def test_wrong_number_of_values(relu_layer, relu_values):
+    with pytest.raises(ValueError, match=r"Expected 3 parameter values "
+                                         r"\(W, b, x\), got 2\."):
+        relu_layer(*relu_values[:2])
+    with pytest.raises(ValueError, match=r"Expected 3 parameter values"):
+        relu_layer.vjp(relu_values + [np.zeros(4)], [np.ones(3)])
+
+
+@pytest.mark.parametrize("position, value, received, expected", [
+    (1, np.zeros(4), r"\(4,\)", r"\(3,\)"),
+    (0, np.zeros((4, 3)), r"\(4, 3\)", r"\(3, 4\)"),
+    (2, np.zeros((5, 3)), r"\(5, 3\)", r"\(4,\)"),
+    (2, np.zeros((2, 5, 4)), r"\(2, 5, 4\)", r"\(4,\)"),
+    (1, np.zeros(()), r"\(\)", r"\(3,\)"),
+], ids=["vector", "transposed", "batched_wrong", "two_batch_dims", "scalar"])
+def test_wrong_shape(relu_layer, relu_values, position, value, received,
+                     expected):
+    name = "Wbx"[position]
+    values = list(relu_values)
+    values[position] = value
+    pattern = (rf"Parameter {position} '{name}' has shape {received}; "
+               rf"expected {expected}")
+    with pytest.raises(ValueError, match=pattern):
+        relu_layer(*values)
+    # The same check guards batch_size, solve and vjp.
+    with pytest.raises(ValueError, match=pattern):
+        relu_layer.batch_size(*values)
+    with pytest.raises(ValueError, match=pattern):
+        relu_layer.vjp(values, [np.ones(3)])
+
+
+def test_batch_sizes_disagree(relu_layer, relu_values):
+    W, b, x = relu_values
+    values = [np.stack([W, W]), b, np.stack([x, x, x])]
+    with pytest.raises(ValueError,
+                       match=r"disagree on the batch size: 'W' \(position 0\)"
+                             r": 2, 'x' \(position 2\): 3"):
+        relu_layer(*values)
+
+
+def test_empty_batch(relu_layer, relu_values):
+    W, b, _ = relu_values
+    with pytest.raises(ValueError, match=r"batch is empty"):
+        relu_layer(W, b, np.zeros((0, 4)))
+
+
+def test_value_not_numeric(relu_layer, relu_values):
+    W, b, _ = relu_values
+    with pytest.raises(ValueError, match=r"Parameter 2 'x': value of type str "
+                                         r"cannot be converted"):
+        relu_layer(W, b, "abcd")
+
+
+def test_cotangent_wrong_shape(relu_layer, relu_values):
+    with pytest.raises(ValueError, match=r"Cotangent 0 for output 'z' has "
+                                         r"shape \(4,\); expected \(3,\)"):
+        relu_layer.vjp(relu_values, [np.ones(4)])
+
+
+# -- call: non-finite values and domains -----------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_unbatched(relu_layer, relu_values, bad):
+    W, b, x = relu_values
+    x = x.copy()
+    x[1] = bad
+    with pytest.raises(ValueError, match=r"Parameter 2 'x' has 1 NaN or "
+                                         r"infinite entry\."):
+        relu_layer(W, b, x)
+
+
+def test_non_finite_batched(relu_layer, relu_values):
+    W, b, x = relu_values
+    xs = np.stack([x, x, x])
+    xs[1, 0] = np.nan
+    xs[1, 2] = np.inf
+    with pytest.raises(ValueError, match=r"Parameter 2 'x' has 2 NaN or "
+                                         r"infinite entries in batch "
+                                         r"element\(s\) \[1\]"):
+        relu_layer(W, b, xs)
+
+
+def _vector_domain_layer(attribute):
+    x = cp.Variable(2)
+    p = cp.Parameter(2, name="p", **{attribute: True})
+    d = cp.Parameter(2, name="d")
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - d) + p @ x))
+    return optlayer.Layer(problem, [d, p], [x])
+
+
+@pytest.mark.parametrize("attribute, bad, word", [
+    ("nonneg", -0.5, "nonnegative"),
+    ("pos", 0.0, "positive"),
+    ("nonpos", 0.5, "nonpositive"),
+    ("neg", 0.0, "negative"),
+])
+def test_sign_domains(attribute, bad, word):
+    layer = _vector_domain_layer(attribute)
+    good = {"nonneg": 1.0, "pos": 1.0, "nonpos": -1.0, "neg": -1.0}[attribute]
+    d = np.zeros(2)
+    layer(d, np.full(2, good))  # inside the domain: no error
+    pattern = (rf"Parameter 1 'p' is declared {attribute}=True but has "
+               rf"entries that are not {word}")
+    with pytest.raises(ValueError, match=pattern):
+        layer(d, np.array([good, bad]))
+    # A violation in one batch element only.
+    batch = np.full((3, 2), good)
+    batch[2, 0] = bad
+    with pytest.raises(ValueError, match=pattern):
+        layer(d, batch)
+
+
+def _matrix_domain_layer(attribute):
+    X = cp.Variable((2, 2), symmetric=True)
+    S = cp.Parameter((2, 2), name="S", **{attribute: True})
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(X - S)))
+    return optlayer.Layer(problem, [S], [X])
+
+
+def test_symmetric_domain():
+    layer = _matrix_domain_layer("symmetric")
+    layer(np.array([[1.0, 0.5], [0.5, -1.0]]))
+    with pytest.raises(ValueError, match=r"Parameter 0 'S' is declared "
+                                         r"symmetric=True but its value is "
+                                         r"not symmetric"):
+        layer(np.array([[1.0, 0.5], [0.4, -1.0]]))
+
+
+def test_psd_domain():
+    layer = _matrix_domain_layer("PSD")
+    layer(np.array([[2.0, 0.5], [0.5, 1.0]]))
+    pattern = (r"Parameter 0 'S' is declared PSD=True but its value has "
+               r"smallest eigenvalue -1")
+    with pytest.raises(ValueError, match=pattern):
+        layer(np.array([[1.0, 0.0], [0.0, -1.0]]))
+    batch = np.stack([np.eye(2), np.diag([1.0, -1.0])])
+    with pytest.raises(ValueError, match=pattern):
+        layer(batch)
+    with pytest.raises(ValueError, match=r"declared PSD=True but its value "
+                                         r"is not symmetric"):
+        layer(np.array([[1.0, 0.5], [0.0, 1.0]]))
+
+
+# -- solver failures -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def box_layer():
+    """min sum(x) s.t. lo <= x <= hi: infeasible where lo > hi."""
+    x = cp.Variable(2)
+    lo = cp.Parameter(2, name="lo")
+    hi = cp.Parameter(2, name="hi")
+    problem = cp.Problem(cp.Minimize(cp.sum(x)), [x >= lo, x <= hi])
+    return optlayer.Layer(problem, [lo, hi], [x])
+
+
+@pytest.fixture(scope="module")
+def ray_layer():
+    """min c'x s.t. x >= lo: unbounded where some c_i < 0."""
+    x = cp.Variable(2)
+    c = cp.Parameter(2, name="c")
+    lo = cp.Parameter(2, name="lo")
+    problem = cp.Problem(cp.Minimize(c @ x), [x >= lo])
+    return optlayer.Layer(problem, [c, lo], [x])
+
+
+def test_infeasible_elements(box_layer):
+    hi = np.ones((4, 2))
+    hi[1] = -1.0
+    hi[3, 0] = -2.0
+    with pytest.raises(optlayer.SolverError,
+                       match=r"2 of 4 batch elements.*1: infeasible, "
+                             r"3: infeasible") as info:
+        box_layer(np.zeros(2), hi)
+    assert isinstance(info.value, RuntimeError)
+    assert info.value.elements == (1, 3)
+    assert info.value.statuses == ("infeasible", "infeasible")
+    # The backward pass solves first, and fails the same way.
+    with pytest.raises(optlayer.SolverError, match=r"1: infeasible"):
+        box_layer.vjp([np.zeros(2), hi], [np.ones((4, 2))])
+
+
+def test_unbounded_elements(ray_layer):
+    c = np.ones((3, 2))
+    c[2, 1] = -1.0
+    with pytest.raises(optlayer.SolverError,
+                       match=r"1 of 3 batch elements.*2: unbounded") as info:
+        ray_layer(c, np.zeros(2))
+    assert info.value.elements == (2,)
+    assert info.value.statuses == ("unbounded",)
+
+
+def test_unbatched_failure(ray_layer):
+    with pytest.raises(optlayer.SolverError,
+                       match=r"failed on the problem.*unbounded") as info:
+        ray_layer(np.array([1.0, -1.0]), np.zeros(2))
+    assert info.value.elements == (0,)
+    assert info.value.statuses == ("unbounded",)
+
+
+def test_inaccurate_solve_warns():
+    # Without refinement every element stopped by max_iters is reported.
+    case = get_case("qp")
+    problem, params, variables = case.build()
+    layer = optlayer.Layer(problem, params, variables, refine=False,
+                           solver_options={"max_iters": 5})
+    values = make_inputs(case, np.random.default_rng(1), 3)
+    with pytest.warns(RuntimeWarning,
+                      match=r"inaccurate solution for batch element\(s\) "
+                            r"\[0, 1, 2\]"):
+        (x,) = layer(*values)
+    assert x.shape == (3, 5)
+
+
+def test_inaccurate_warning_names_only_unrefined_elements():
+    # With refinement, elements that Newton steps bring to full accuracy
+    # are not reported; the warning names exactly the inaccurate ones.
+    case = get_case("qp")
+    problem, params, variables = case.build()
+    layer = optlayer.Layer(problem, params, variables,
+                           solver_options={"max_iters": 5})
+    values = make_inputs(case, np.random.default_rng(1), 3)
+    with pytest.warns(RuntimeWarning,
+                      match=r"inaccurate solution") as record:
+        (x,) = layer(*values)
+    named = _named_elements(str(record[0].message))
+    (ref,) = optlayer.Layer(*case.build())(*values)
+    wrong = np.flatnonzero(np.abs(x - ref).max(axis=1) > 1e-8).tolist()
+    assert named == wrong
+    assert len(record) == 1
+
+
+def _named_elements(message):
+    match = re.search(r"element\(s\) \[([0-9, ]*)\]", message)
+    assert match, message
+    return [int(k) for k in match.group(1).split(",")]
+
+
+def test_inaccurate_warnings_name_inaccurate_elements():
+    # min c'x + ||x||^2 s.t. x >= lo, solved as x = max(-c / 2, lo). With
+    # c = 0 the solution (0) is reached at once; the other elements stay
+    # inaccurate after 5 iterations. No warning may name only elements
+    # whose results are accurate.
+    x = cp.Variable(3)
+    c = cp.Parameter(3, name="c")
+    lo = cp.Parameter(3, name="lo")
+    problem = cp.Problem(cp.Minimize(c @ x + cp.sum_squares(x)), [x >= lo])
+    layer = optlayer.Layer(problem, [c, lo], [x],
+                           solver_options={"max_iters": 5})
+    cs = np.array([[0.0, 0.0, 0.0], [1.0, -2.0, 3.0], [0.0, 0.0, 0.0],
+                   [2.0, 1.0, -1.0]])
+    lo_value = -np.ones(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (xs,) = layer(cs, lo_value)
+    exact = np.maximum(-cs / 2, lo_value)
+    inaccurate = {k for k in range(4)
+                  if np.max(np.abs(xs[k] - exact[k])) > 1e-8}
+    assert inaccurate, "expected some elements to stay inaccurate"
+    messages = [str(w.message) for w in caught
+                if issubclass(w.category, RuntimeWarning)]
+    assert messages
+    for message in messages:
+        named = _named_elements(message)
+        assert set(named) & inaccurate, (
+            f"warning names only accurate elements {named} (inaccurate: "
+            f"{sorted(inaccurate)}): {message}"
+        )
+
+
+# -- silence ---------------------------------------------------------------
+
+
+def test_normal_call_prints_and_warns_nothing(capsys):
+    case = get_case("qp")
+    problem, params, variables = case.build()
+    layer = optlayer.Layer(problem, params, variables)
+    values = make_inputs(case, np.random.default_rng(2), 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outputs, state = layer.solve(*values)
+        cotangents = [np.ones_like(o) for o in outputs]
+        layer.adjoint(values, state, cotangents)
+        layer.vjp(values, cotangents)
+        layer(*[v[0] if v.ndim == 2 and v.shape[0] == 3 else v
+                for v in values])
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ""
+
+
+def test_logging_only_through_optlayer_logger(caplog):
+    package = os.path.dirname(os.path.abspath(optlayer.__file__))
+    case = get_case("lasso")
+    with caplog.at_level(logging.DEBUG):
+        problem, params, variables = case.build()
+        layer = optlayer.Layer(problem, params, variables)
+        values = make_inputs(case, np.random.default_rng(3), 2)
+        layer.vjp(values, [np.ones((2, 5))])
+    ours = [r for r in caplog.records
+            if os.path.abspath(r.pathname).startswith(package + os.sep)]
+    # The core logs its compilation at DEBUG, so there is something to
+    # check; every record from its modules must use the optlayer logger.
+    assert ours, "expected DEBUG records from optlayer"
+    for record in ours:
+        assert record.name == "optlayer" or record.name.startswith(
+            "optlayer."), (record.name, record.getMessage())
