@@ -1,0 +1,434 @@
+"""Tests of the TensorFlow/Keras adapter, ``optlayer_tf.Layer``.
+
+The adapter holds no mathematics, so most checks compare it with the NumPy
+core on the same inputs (outputs and ``Layer.vjp``), eagerly and inside
+``tf.function``; ``tf.test.compute_gradient`` adds an independent
+finite-difference check of the gradients through TensorFlow.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import json  # noqa: E402
+import re  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+tf = pytest.importorskip("tensorflow")
+
+import cvxpy as cp  # noqa: E402
+import keras  # noqa: E402
+
+import optlayer  # noqa: E402
+import optlayer_tf  # noqa: E402
+from benchmarks import relu_tf  # noqa: E402
+from tests.zoo import CASES, get_case, make_inputs  # noqa: E402
+
+# The adapter and the core run the same float64 computation, but two solves
+# of one instance agree only to about 1e-12 absolute (the core's solves are
+# not bitwise reproducible). That matters only for entries that are zero in
+# exact arithmetic, hence an absolute floor far below any real error.
+RTOL_CORE = 1e-8
+ATOL_CORE = 1e-10
+
+ZOO_NAMES = [case.name for case in CASES]
+
+
+def _layer(case, **overrides):
+    kwargs = dict(case.layer_kwargs)
+    kwargs.update(overrides)
+    return optlayer_tf.Layer(*case.build(), **kwargs)
+
+
+def _reference(core, values, weights):
+    """The core's outputs and its gradient of sum(out * w)."""
+    outputs, state = core.solve(*values)
+    return outputs, core.adjoint(values, state, weights)
+
+
+def _weighted_sum(outputs, weights):
+    return tf.add_n([tf.reduce_sum(o * w) for o, w in zip(outputs, weights)])
+
+
+def _assert_close(actual, expected):
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=RTOL_CORE,
+                               atol=ATOL_CORE)
+
+
+def _nonneg_lsq(m=4, n=3):
+    """minimize ||A x - b||^2 + 0.1 ||x||^2 s.t. x >= 0; params A, b."""
+    A = cp.Parameter((m, n), name="A")
+    b = cp.Parameter(m, name="b")
+    x = cp.Variable(n, name="x")
+    objective = cp.sum_squares(A @ x - b) + 0.1 * cp.sum_squares(x)
+    return cp.Problem(cp.Minimize(objective), [x >= 0]), [A, b], [x]
+
+
+# -- the shared zoo against the core ----------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [None, 5])
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zoo_eager_matches_core(name, batch_size):
+    case = get_case(name)
+    rng = np.random.default_rng(0)
+    values = make_inputs(case, rng, batch_size)
+    layer = _layer(case)
+    batch = () if batch_size is None else (batch_size,)
+    weights = [rng.standard_normal(batch + s) for s in layer.core.output_shapes]
+    expected, grads = _reference(layer.core, values, weights)
+
+    inputs = [tf.constant(v) for v in values]
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        outputs = layer(*inputs)
+        loss = _weighted_sum(outputs, weights)
+    assert isinstance(outputs, tuple) and len(outputs) == len(expected)
+    for out, exp in zip(outputs, expected):
+        assert out.dtype == tf.float64 and out.shape == exp.shape
+        _assert_close(out, exp)
+    for inp, got, exp in zip(inputs, tape.gradient(loss, inputs), grads):
+        assert got.shape == inp.shape
+        _assert_close(got, exp)
+
+
+@pytest.mark.parametrize("batch_size", [None, 5])
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zoo_tf_function_matches_core(name, batch_size):
+    case = get_case(name)
+    rng = np.random.default_rng(0)
+    values = make_inputs(case, rng, batch_size)
+    layer = _layer(case)
+    batch = () if batch_size is None else (batch_size,)
+    weights = [rng.standard_normal(batch + s) for s in layer.core.output_shapes]
+    expected, grads = _reference(layer.core, values, weights)
+    traced_shapes = []
+
+    @tf.function
+    def forward_backward(*inputs):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            outputs = layer(*inputs)
+            loss = _weighted_sum(outputs, weights)
+        # Runs once, while tracing: the static shapes the graph carries.
+        traced_shapes.append([tuple(o.shape) for o in outputs])
+        return outputs, tape.gradient(loss, inputs)
+
+    outputs, got_grads = forward_backward(*[tf.constant(v) for v in values])
+    assert traced_shapes == [[e.shape for e in expected]]
+    for out, exp in zip(outputs, expected):
+        _assert_close(out, exp)
+    for got, exp in zip(got_grads, grads):
+        _assert_close(got, exp)
+
+
+def test_unknown_batch_dimension_in_graph():
+    # With the batch dimension unknown while tracing, the outputs carry
+    # (None, ...) and the rest of the shape; the numbers are the core's.
+    case = get_case("relu")
+    layer = _layer(case)
+    W, b, x = make_inputs(case, np.random.default_rng(1), 4)
+    signature = [tf.TensorSpec(W.shape, tf.float64),
+                 tf.TensorSpec(b.shape, tf.float64),
+                 tf.TensorSpec((None,) + x.shape[1:], tf.float64)]
+    traced = []
+
+    @tf.function(input_signature=signature)
+    def grads(W, b, x):
+        with tf.GradientTape() as tape:
+            tape.watch([W, b, x])
+            (z,) = layer(W, b, x)
+            loss = tf.reduce_sum(z ** 2)
+        traced.append(tuple(z.shape))
+        return z, tape.gradient(loss, [W, b, x])
+
+    z, (gW, gb, gx) = grads(W, b, x)
+    assert traced == [(None, 3)]
+    (z_core,) = layer.core(W, b, x)
+    _assert_close(z, z_core)
+    for got, exp in zip((gW, gb, gx),
+                        layer.core.vjp([W, b, x], [2 * z_core])):
+        _assert_close(got, exp)
+
+
+def test_backward_keeps_no_per_call_state():
+    # Two calls of one layer on a persistent tape, differentiated in the
+    # reverse order: each backward must use its own call's solution.
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_tf.Layer(problem, params, variables)
+    rng = np.random.default_rng(2)
+    A = rng.standard_normal((4, 3))
+    bs = [rng.standard_normal((2, 4)), rng.standard_normal((2, 4))]
+    b_tensors = [tf.constant(b) for b in bs]
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(b_tensors)
+        losses = [tf.reduce_sum(layer(A, b)[0]) for b in b_tensors]
+    for b, b_t, loss in reversed(list(zip(bs, b_tensors, losses))):
+        (_, gb) = layer.core.vjp([A, b], [np.ones((2, 3))])
+        _assert_close(tape.gradient(loss, b_t), gb)
+
+
+def test_unused_output_gets_zero_cotangent():
+    # The power case has two outputs (x, t); the loss uses t only.
+    case = get_case("power")
+    layer = _layer(case)
+    values = make_inputs(case, np.random.default_rng(3), 2)
+    inputs = [tf.constant(v) for v in values]
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        _, t = layer(*inputs)
+        loss = tf.reduce_sum(3.0 * t)
+    expected = layer.core.vjp(values, [None, 3.0 * np.ones((2, 3))])
+    for got, exp in zip(tape.gradient(loss, inputs), expected):
+        _assert_close(got, exp)
+
+
+# -- tf.test.compute_gradient -------------------------------------------------
+
+# Central differences with step 1e-6. Truncation error: O(delta^2) = 1e-12
+# for the smooth cases, none for the LP (its solution map is affine near the
+# zoo's sample, but a kink lies within 1e-4 of it, so the step must stay
+# small). Noise: solution error / delta; solved to eps 1e-12 (and polished
+# by the core), the differences stay within 1e-6 of the analytic Jacobians
+# on these cases, while a wrong term would be O(1). atol 1e-5 keeps a
+# margin of 10.
+DELTA = 1e-6
+ATOL_FD = 1e-5
+TIGHT = {"eps_abs": 1e-12, "eps_rel": 1e-12, "max_iters": 200_000}
+
+
+@pytest.mark.parametrize("name", ["lp", "qp", "socp", "relu"])
+def test_compute_gradient(name):
+    case = get_case(name)
+    options = dict(case.layer_kwargs.get("solver_options") or {})
+    options.update(TIGHT)
+    layer = _layer(case, solver_options=options)
+    values = make_inputs(case, np.random.default_rng(4), None)
+
+    def flat_outputs(*inputs):
+        return tf.concat([tf.reshape(o, [-1]) for o in layer(*inputs)], 0)
+
+    analytic, numeric = tf.test.compute_gradient(
+        flat_outputs, [tf.constant(v) for v in values], delta=DELTA)
+    for a, n in zip(analytic, numeric):
+        assert np.max(np.abs(a)) > 0.0 or np.max(np.abs(n)) < ATOL_FD
+        np.testing.assert_allclose(a, n, rtol=0.0, atol=ATOL_FD)
+
+
+# -- dtypes -----------------------------------------------------------------
+
+
+def test_float32_in_float32_out():
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_tf.Layer(problem, params, variables)
+    rng = np.random.default_rng(5)
+    A32 = tf.constant(rng.standard_normal((4, 3)), tf.float32)
+    b32 = tf.constant(rng.standard_normal((3, 4)), tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch([A32, b32])
+        (x,) = layer(A32, b32)
+        loss = tf.reduce_sum(x)
+    gA, gb = tape.gradient(loss, [A32, b32])
+    assert x.dtype == gA.dtype == gb.dtype == tf.float32
+
+    # The float64 core's numbers at the float32 inputs, rounded to float32.
+    A_r, b_r = A32.numpy().astype(np.float64), b32.numpy().astype(np.float64)
+    (x_core,) = layer.core(A_r, b_r)
+    gA_core, gb_core = layer.core.vjp([A_r, b_r], [np.ones_like(x_core)])
+    np.testing.assert_allclose(x, x_core, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(gA, gA_core, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gb, gb_core, rtol=1e-6, atol=1e-6)
+
+
+def test_mixed_dtypes_and_arrays():
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_tf.Layer(problem, params, variables)
+    rng = np.random.default_rng(6)
+    A, b = rng.standard_normal((4, 3)), rng.standard_normal(4)
+    A32 = tf.constant(A, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(A32)
+        (x,) = layer(A32, tf.constant(b))
+    # float32 with float64 gives float64; each gradient keeps its input's.
+    assert x.dtype == tf.float64
+    assert tape.gradient(x, A32).dtype == tf.float32
+
+    # Plain NumPy float64 arrays stay float64 (Keras does not autocast).
+    (x_np,) = layer(A, b)
+    assert x_np.dtype == tf.float64
+    _assert_close(x_np, layer.core(A, b)[0])
+
+
+def test_python_numbers_for_a_scalar_parameter():
+    a = cp.Parameter(name="a")
+    y = cp.Variable(name="y")
+    layer = optlayer_tf.Layer(
+        cp.Problem(cp.Minimize(cp.square(y - a)), [y >= 0]), [a], [y])
+    (y_pos,) = layer(2.0)
+    (y_neg,) = layer(-2.0)
+    # A Python float becomes a float32 tensor, as in tf.convert_to_tensor.
+    assert y_pos.dtype == tf.float32 and y_pos.shape == ()
+    np.testing.assert_allclose([float(y_pos), float(y_neg)], [2.0, 0.0],
+                               atol=1e-6)
+
+
+# -- errors -------------------------------------------------------------------
+
+
+def test_eager_value_errors_are_the_core_errors():
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_tf.Layer(problem, params, variables)
+    A = np.ones((4, 3))
+    bad_inputs = [
+        (A, np.ones(5)),                   # wrong shape
+        (A, np.full(4, np.nan)),           # not finite
+        (A, np.ones((2, 4)), np.ones(4)),  # wrong number of values
+        (np.ones((2, 4, 3)), np.ones((3, 4))),   # batch sizes disagree
+        (A, "b"),                          # not a number
+    ]
+    for inputs in bad_inputs:
+        with pytest.raises(ValueError) as core_error:
+            layer.core(*inputs)
+        with pytest.raises(ValueError) as error:
+            layer(*[v if isinstance(v, str) else tf.constant(v)
+                    for v in inputs])
+        assert str(error.value) == str(core_error.value)
+
+
+def test_eager_solver_error():
+    x = cp.Variable(2)
+    a = cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(cp.sum(x)), [x >= a, x <= 0])
+    layer = optlayer_tf.Layer(problem, [a], [x])
+    assert optlayer_tf.SolverError is optlayer.SolverError
+    values = np.array([[-1.0, -1.0], [1.0, 0.5]])   # element 1 infeasible
+    with pytest.raises(optlayer.SolverError) as core_error:
+        layer.core(values)
+    with pytest.raises(optlayer_tf.SolverError) as error:
+        layer(tf.constant(values))
+    assert str(error.value) == str(core_error.value)
+    assert error.value.elements == (1,)
+
+
+def test_graph_errors_keep_the_message():
+    x = cp.Variable(2)
+    a = cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(cp.sum(x)), [x >= a, x <= 0])
+    layer = optlayer_tf.Layer(problem, [a], [x])
+    call = tf.function(lambda v: layer(v)[0],
+                       input_signature=[tf.TensorSpec((None, 2), tf.float64)])
+
+    # Found only when the graph runs: an OpError carrying the message.
+    nan = np.array([[np.nan, 0.0]])
+    infeasible = np.array([[-1.0, -1.0], [1.0, 0.5]])
+    for values, core_type in [(nan, ValueError),
+                              (infeasible, optlayer.SolverError)]:
+        with pytest.raises(core_type) as core_error:
+            layer.core(values)
+        with pytest.raises(tf.errors.OpError,
+                           match=re.escape(str(core_error.value))):
+            call(tf.constant(values))
+
+    # Static shapes are checked while tracing: the core's ValueError.
+    with pytest.raises(ValueError) as core_error:
+        layer.core(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=re.escape(str(core_error.value))):
+        tf.function(lambda v: layer(v))(tf.ones((2, 3), tf.float64))
+
+
+# -- Keras --------------------------------------------------------------------
+
+
+def _sparsemax_model(seed=7):
+    """Dense(3) -> projection onto the simplex (optlayer) -> Dense(1)."""
+    z = cp.Variable(3, name="z")
+    v = cp.Parameter(3, name="v")
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(z - v)),
+                         [z >= 0, cp.sum(z) == 1])
+    layer = optlayer_tf.Layer(problem, [v], [z], name="simplex")
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4,), dtype="float64")
+    hidden = keras.layers.Dense(3, dtype="float64")(inputs)
+    (proj,) = layer(hidden)
+    outputs = keras.layers.Dense(1, dtype="float64")(proj)
+    return keras.Model(inputs, outputs), layer, proj
+
+
+def test_keras_model_fit_and_predict():
+    model, layer, proj = _sparsemax_model()
+    assert tuple(proj.shape) == (None, 3) and proj.dtype == "float64"
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((16, 4))
+    Y = X[:, :1] - 0.5 * X[:, 1:2]
+    # Keras casts float64 NumPy arrays to float32 when it batches them; a
+    # dataset of float64 tensors keeps float64 end to end.
+    data = tf.data.Dataset.from_tensor_slices((X, Y)).batch(16)
+    # jit_compile="auto" must resolve to no XLA: the layer opts out.
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    history = model.fit(data, epochs=6, shuffle=False, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.9 * losses[0]
+
+    # predict runs the graph path, the eager call the core directly.
+    predicted = model.predict(
+        tf.data.Dataset.from_tensor_slices(X).batch(8), verbose=0)
+    assert predicted.shape == (16, 1) and predicted.dtype == np.float64
+    np.testing.assert_allclose(predicted, model(X).numpy(), rtol=1e-8,
+                               atol=1e-10)
+
+
+def test_keras_config_describes_the_layer():
+    model, layer, _ = _sparsemax_model()
+    config = layer.get_config()
+    assert config["parameters"] == [{"name": "v", "shape": [3]}]
+    assert config["variables"] == [{"name": "z", "shape": [3]}]
+    assert config["name"] == "simplex"
+    described = json.loads(model.to_json())
+    names = [entry["config"]["name"]
+             for entry in described["config"]["layers"]]
+    assert "simplex" in names
+    with pytest.raises(NotImplementedError, match="not serializable"):
+        optlayer_tf.Layer.from_config(config)
+
+
+def test_core_and_keras_options_are_routed():
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_tf.Layer(problem, params, variables,
+                              solver_options={"max_iters": 4321}, n_jobs=1,
+                              name="lsq", trainable=False)
+    assert layer.core.solver_options["max_iters"] == 4321
+    assert layer.core.n_jobs == 1
+    assert layer.name == "lsq" and not layer.trainable
+    config = layer.get_config()
+    assert config["solver_options"] == {"max_iters": 4321}
+    assert config["n_jobs"] == 1
+    json.dumps(config)
+
+
+# -- the ReLU benchmark -------------------------------------------------------
+
+
+def test_relu_benchmark_small():
+    init, X, Y = relu_tf.make_data(d=5, h=5, n=20, seed=9)
+    lines = []
+    result = relu_tf.train(init, X, Y, steps=3, log=lines.append)
+    reference = relu_tf.train(init, X, Y, steps=3, closed_form=True,
+                              log=lambda line: None)
+    losses = result["losses"]
+    assert len(losses) == 3 and len(lines) == 3
+    assert losses[2] < losses[1] < losses[0]
+    assert result["max_output_error"] < 1e-6
+    assert result["max_grad_error"] < 1e-6
+    assert reference["max_output_error"] == reference["max_grad_error"] == 0
+    np.testing.assert_allclose(losses, reference["losses"], rtol=0,
+                               atol=1e-6)
+    for key in ("forward_time", "backward_time", "wall_time"):
+        assert result[key] > 0.0
+
+    # Model.fit takes the same full-batch Adam steps; Keras tracks the loss
+    # in float32, hence the tolerance.
+    fit_losses = relu_tf.fit_demo(init, X, Y, epochs=3)
+    assert fit_losses[-1] < fit_losses[0]
+    np.testing.assert_allclose(fit_losses, losses, rtol=1e-6)
