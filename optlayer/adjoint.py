@@ -37,8 +37,12 @@ import scipy.sparse.linalg as spla
 
 from optlayer import cones
 
-# Below this size the system is solved densely; above it, by a sparse LU.
-DENSE_LIMIT = 400
+# Below this size (N = n + m + 1) the adjoint system is solved with stacked
+# dense arrays; above it, by a sparse LU per element.
+DENSE_LIMIT = 250
+# Newton refinement costs a dense N^3 solve per step and element; above
+# this size SCS alone (at tight tolerance) is cheaper.
+REFINE_LIMIT = 150
 # Relative residual above which a solve is not trusted.
 RESIDUAL_TOL = 1e-7
 

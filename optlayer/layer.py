@@ -89,7 +89,7 @@ class Layer:
         # Whether the solver's matrix A is the same for every theta.
         cp_ = self.compiled
         N = cp_.n + cp_.m + 1
-        self.refine = bool(refine) and N <= _adjoint.DENSE_LIMIT
+        self.refine = bool(refine) and N <= _adjoint.REFINE_LIMIT
         options = dict(_solve.DEFAULT_SOLVER_OPTIONS)
         if self.refine:
             options.update(_solve.REFINED_SOLVER_OPTIONS)
