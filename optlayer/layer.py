@@ -346,6 +346,8 @@ class Layer:
 
         if todo.size == 0:
             return X, Y, S
+        # Known limit: for tiny programs each SCS call (about 1 ms, mostly
+        # iterations) bounds the forward pass; cold starts are not batched.
         results = self._map(one, todo)
         X[todo] = np.stack([r[0] for r in results]).reshape(-1, cp_.n)
         Y[todo] = np.stack([r[1] for r in results]).reshape(-1, cp_.m)
