@@ -31,7 +31,8 @@ same problems. For each library:
   1e-12``). The error of a library is the largest absolute difference
   between its output and the reference over the whole batch.
 * **Settings.** optlayer runs through ``optlayer_torch.Layer`` with its
-  default options (SCS at eps 1e-10); cvxpylayers, when importable, through
+  default options (SCS at eps 1e-10, or, for programs small enough, SCS at
+  1e-6 and Newton refinement); cvxpylayers, when importable, through
   its PyTorch layer with its default options (the diffcp backend, whose SCS
   tolerances are looser). The speed-up column is cvxpylayers' total time
   over optlayer's; the accuracy ratio is cvxpylayers' error over optlayer's
@@ -61,6 +62,7 @@ import numpy as np
 import torch
 
 import optlayer_torch
+from benchmarks.relu import relu_problem
 
 try:  # optional: only needed for the comparison rows
     from cvxpylayers.torch import CvxpyLayer
@@ -141,14 +143,7 @@ def sample_socp(rng, batch, n=10, k=3, r=5):
 
 def build_relu(n_in=20, n_out=20):
     """The seed's ReLU problem (Wtilde keeps it DPP)."""
-    z = cp.Variable(n_out)
-    Wtilde = cp.Variable((n_out, n_in))
-    W = cp.Parameter((n_out, n_in))
-    b = cp.Parameter(n_out)
-    x = cp.Parameter(n_in)
-    problem = cp.Problem(cp.Minimize(cp.sum_squares(z - Wtilde @ x - b)),
-                         [z >= 0, Wtilde == W])
-    return problem, [W, b, x], [z]
+    return relu_problem(n_in, n_out)
 
 
 def sample_relu(rng, batch, n_in=20, n_out=20):

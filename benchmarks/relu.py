@@ -35,6 +35,25 @@ FRAMEWORKS = ("torch", "jax", "tf")
 _MODULES = {"torch": "torch", "jax": "jax", "tf": "tensorflow"}
 
 
+def relu_problem(input_dim, output_dim):
+    """The seed's ReLU problem; returns ``(problem, [W, b, x], [z])``.
+
+    ``z = max(W x + b, 0)`` minimizes ``||z - Wtilde x - b||^2`` subject to
+    ``z >= 0`` and ``Wtilde == W``; the copy ``Wtilde`` keeps the product of
+    two parameters DPP (the presolve removes it again).
+    """
+    import cvxpy as cp
+
+    z = cp.Variable(output_dim)
+    Wtilde = cp.Variable((output_dim, input_dim))
+    W = cp.Parameter((output_dim, input_dim))
+    b = cp.Parameter(output_dim)
+    x = cp.Parameter(input_dim)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(z - Wtilde @ x - b)),
+                         [z >= 0, Wtilde == W])
+    return problem, [W, b, x], [z]
+
+
 def make_problem_data(d=20, h=20, n_samples=300, seed=0):
     """Initial weights and data, as float64 NumPy arrays.
 

@@ -11,34 +11,23 @@ Run the seed size (20 -> 20 -> 20 -> 1, 300 samples, 25 steps)::
     python -m benchmarks.relu_jax
 """
 
-import argparse
+import sys
 import time
 
-import cvxpy as cp
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import optlayer_jax
+from benchmarks import relu as relu_driver
+from benchmarks.relu import relu_problem
 
 _NAMES = ("W1", "b1", "W2", "b2", "W3", "b3")
 
 
 def relu_layer(d_in, d_out, **options):
-    """The seed's ReLU problem as a layer ``(W, b, x) -> (z,)``.
-
-    ``z = max(W x + b, 0)`` is the minimizer of ``||z - Wtilde x - b||^2``
-    subject to ``z >= 0`` and ``Wtilde == W``; the copy ``Wtilde`` makes the
-    product of two parameters DPP.
-    """
-    z = cp.Variable(d_out)
-    w_tilde = cp.Variable((d_out, d_in))
-    W = cp.Parameter((d_out, d_in))
-    b = cp.Parameter(d_out)
-    x = cp.Parameter(d_in)
-    problem = cp.Problem(cp.Minimize(cp.sum_squares(z - w_tilde @ x - b)),
-                         [z >= 0, w_tilde == W])
-    return optlayer_jax.Layer(problem, [W, b, x], [z], **options)
+    """The seed's ReLU problem as a layer ``(W, b, x) -> (z,)``."""
+    return optlayer_jax.Layer(*relu_problem(d_in, d_out), **options)
 
 
 def _closed_relu(W, b, x):
@@ -174,49 +163,10 @@ def _train(init, X, Y, steps, lr, closed_form, solver_options, n_jobs, log):
     }
 
 
-def seed_problem(d=20, h=20, n=300, seed=0):
-    """Initial weights and data of the seed's size.
-
-    The ReLU weights start at 1e-3 times a standard normal, as in the seed;
-    the last layer is Glorot-uniform with a zero bias (a dense layer's usual
-    start).
-    """
-    rng = np.random.default_rng(seed)
-    limit = np.sqrt(6.0 / (h + 1))
-    init = {
-        "W1": 1e-3 * rng.standard_normal((h, d)),
-        "b1": 1e-3 * rng.standard_normal(h),
-        "W2": 1e-3 * rng.standard_normal((h, h)),
-        "b2": 1e-3 * rng.standard_normal(h),
-        "W3": rng.uniform(-limit, limit, size=(1, h)),
-        "b3": np.zeros(1),
-    }
-    X = rng.standard_normal((n, d))
-    Y = rng.standard_normal((n, 1))
-    return init, X, Y
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--samples", type=int, default=300)
-    parser.add_argument("--width", type=int, default=20)
-    parser.add_argument("--n-jobs", type=int, default=None)
-    args = parser.parse_args(argv)
-    init, X, Y = seed_problem(d=args.width, h=args.width, n=args.samples)
-    runs = {}
-    for name, closed in (("optlayer", False), ("closed form", True)):
-        print(f"-- {name}")
-        runs[name] = train(init, X, Y, steps=args.steps, closed_form=closed,
-                           n_jobs=args.n_jobs)
-    ours, ref = runs["optlayer"], runs["closed form"]
-    gap = max(abs(a - b) for a, b in zip(ours["losses"], ref["losses"]))
-    print(f"forward {ours['forward_time']:.2f} s, backward "
-          f"{ours['backward_time']:.2f} s, wall {ours['wall_time']:.2f} s")
-    print(f"max output error {ours['max_output_error']:.3g}, max grad "
-          f"error {ours['max_grad_error']:.3g}, max loss gap to the closed "
-          f"form {gap:.3g}")
+    """The seed's run on JAX: ``optlayer-relu --framework jax``."""
+    return relu_driver.main(["--framework", "jax", *(argv or [])])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

@@ -17,14 +17,16 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import sys  # noqa: E402
 import time  # noqa: E402
 
-import cvxpy as cp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import optlayer_tf  # noqa: E402
+from benchmarks import relu  # noqa: E402
+from benchmarks.relu import relu_problem  # noqa: E402
 
 
 class ReluLayer(keras.layers.Layer):
@@ -59,16 +61,9 @@ class ReluLayer(keras.layers.Layer):
                                  name="b")
         self.solver = None
         if not closed_form:
-            z = cp.Variable(output_dim)
-            Wtilde = cp.Variable((output_dim, input_dim))
-            W = cp.Parameter((output_dim, input_dim))
-            b = cp.Parameter(output_dim)
-            x = cp.Parameter(input_dim)
-            problem = cp.Problem(
-                cp.Minimize(cp.sum_squares(z - Wtilde @ x - b)),
-                [z >= 0, Wtilde == W])
             self.solver = optlayer_tf.Layer(
-                problem, [W, b, x], [z], solver_options=solver_options,
+                *relu_problem(input_dim, output_dim),
+                solver_options=solver_options,
                 n_jobs=n_jobs)
 
     def call(self, x):
@@ -116,21 +111,6 @@ def load_init(model, init):
     # Dense computes x @ kernel: its kernel is W3 transposed.
     dense.kernel.assign(np.asarray(init["W3"]).T)
     dense.bias.assign(init["b3"])
-
-
-def make_data(d=20, h=20, n=300, seed=0):
-    """Seeded ``(init, X, Y)`` in the seed's style (small ReLU weights)."""
-    rng = np.random.default_rng(seed)
-    limit = np.sqrt(6.0 / (h + 1))      # Glorot-uniform, as Dense's default
-    init = {
-        "W1": 1e-3 * rng.standard_normal((h, d)),
-        "b1": 1e-3 * rng.standard_normal(h),
-        "W2": 1e-3 * rng.standard_normal((h, h)),
-        "b2": 1e-3 * rng.standard_normal(h),
-        "W3": rng.uniform(-limit, limit, size=(1, h)),
-        "b3": np.zeros(1),
-    }
-    return init, rng.standard_normal((n, d)), rng.standard_normal((n, 1))
 
 
 def _forward(model, x):
@@ -301,25 +281,17 @@ def fit_demo(init, X, Y, *, epochs=5, lr=1e-2, solver_options=None,
     return [float(v) for v in history.history["loss"]]
 
 
-def main():
-    init, X, Y = make_data(d=20, h=20, n=300, seed=0)
-    print("optlayer ReLU network, GradientTape loop (20-20-20-1, N=300)")
-    result = train(init, X, Y, steps=25)
-    for key in ("forward_time", "backward_time", "wall_time",
-                "max_output_error", "max_grad_error"):
-        print(f"{key:>18s}: {result[key]:.3e}")
-    reference = train(init, X, Y, steps=25, closed_form=True,
-                      log=lambda line: None)
-    gap = np.max(np.abs(np.array(result["losses"])
-                        - np.array(reference["losses"])))
-    print(f"max |loss - closed-form loss| over the steps: {gap:.3e}")
-
+def main(argv=None):
+    """The seed's run (``optlayer-relu --framework tf``), then Model.fit."""
+    code = relu.main(["--framework", "tf", *(argv or [])])
+    init, X, Y = relu.make_problem_data()
     print("Model.fit, 5 full-batch epochs")
     tick = time.perf_counter()
     losses = fit_demo(init, X, Y, epochs=5)
     print("losses:", " ".join(f"{v:.10f}" for v in losses))
     print(f"fit time: {time.perf_counter() - tick:.2f} s")
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

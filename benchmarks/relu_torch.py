@@ -9,30 +9,19 @@ Two of them and a linear layer form the network; Adam trains it on random
 data. ``train(..., closed_form=True)`` swaps the solves for
 ``torch.relu(x @ W.T + b)``, the reference curve.
 
-Run ``python benchmarks/relu_torch.py`` for the seed instance (20 -> 20 ->
+Run ``python -m benchmarks.relu_torch`` for the seed instance (20 -> 20 ->
 20 -> 1, 300 samples, 25 steps).
 """
 
-import math
+import sys
 import time
 
-import cvxpy as cp
 import numpy as np
 import torch
 
 import optlayer_torch
-
-
-def relu_problem(input_dim, output_dim):
-    """The seed's ReLU problem; returns (problem, [W, b, x], [z])."""
-    z = cp.Variable(output_dim)
-    Wtilde = cp.Variable((output_dim, input_dim))
-    W = cp.Parameter((output_dim, input_dim))
-    b = cp.Parameter(output_dim)
-    x = cp.Parameter(input_dim)
-    problem = cp.Problem(cp.Minimize(cp.sum_squares(z - Wtilde @ x - b)),
-                         [z >= 0, Wtilde == W])
-    return problem, [W, b, x], [z]
+from benchmarks import relu
+from benchmarks.relu import relu_problem
 
 
 class ReluLayer(torch.nn.Module):
@@ -131,7 +120,7 @@ def train(init, X, Y, *, steps=25, lr=1e-2, closed_form=False,
         when ``closed_form``.
 
     Example:
-        >>> init, X, Y = make_instance(5, 5, 20)
+        >>> init, X, Y = relu.make_problem_data(5, 5, 20)
         >>> result = train(init, X, Y, steps=3, log=lambda line: None)
     """
     options = {"solver_options": solver_options, "n_jobs": n_jobs}
@@ -186,51 +175,10 @@ def train(init, X, Y, *, steps=25, lr=1e-2, closed_form=False,
     }
 
 
-def make_instance(d=20, h=20, N=300, seed=0):
-    """Seed-style data and initial weights, from a private torch generator.
-
-    ReLU weights and biases ~ 1e-3 N(0, 1); the linear layer as torch's
-    ``nn.Linear`` default, U(-1/sqrt(h), 1/sqrt(h)); X, Y ~ N(0, 1).
-
-    Returns:
-        ``(init, X, Y)`` as float64 NumPy arrays (see :func:`train`).
-    """
-    gen = torch.Generator().manual_seed(seed)
-
-    def normal(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    def uniform(*shape):
-        bound = 1.0 / math.sqrt(h)
-        u = torch.rand(*shape, generator=gen, dtype=torch.float64)
-        return (2.0 * u - 1.0) * bound
-
-    init = {
-        "W1": 1e-3 * normal(h, d), "b1": 1e-3 * normal(h),
-        "W2": 1e-3 * normal(h, h), "b2": 1e-3 * normal(h),
-        "W3": uniform(1, h), "b3": uniform(1),
-    }
-    init = {k: v.numpy() for k, v in init.items()}
-    X = normal(N, d).numpy()
-    Y = normal(N, 1).numpy()
-    return init, X, Y
-
-
-def main():
-    torch.manual_seed(0)
-    np.random.seed(0)
-    init, X, Y = make_instance(20, 20, 300, seed=0)
-    result = train(init, X, Y, steps=25)
-    print(f"forward {result['forward_time']:.2f} s, backward "
-          f"{result['backward_time']:.2f} s, wall {result['wall_time']:.2f} s")
-    print(f"max output error {result['max_output_error']:.3g}, max grad "
-          f"error {result['max_grad_error']:.3g}")
-    reference = train(init, X, Y, steps=25, closed_form=True,
-                      log=lambda line: None)
-    gap = max(abs(a - b) for a, b in zip(result["losses"],
-                                         reference["losses"]))
-    print(f"max |loss - closed-form loss| over the curve: {gap:.3g}")
+def main(argv=None):
+    """The seed's run on PyTorch: ``optlayer-relu --framework torch``."""
+    return relu.main(["--framework", "torch", *(argv or [])])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

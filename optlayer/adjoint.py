@@ -31,7 +31,6 @@ residual check and a least-squares solve (minimum norm) is used instead.
 """
 
 import numpy as np
-import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
@@ -120,27 +119,13 @@ def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims):
 
 
 def _solve_bordered(MT, z, pi, g):
-    """Solve M' r = g, removing the known null directions, robustly."""
+    """Solve M' r = g, removing the known null directions, robustly.
+
+    A sparse LU of the bordered matrix; when it is singular or its solution
+    fails the residual check (a degenerate program), LSQR on M' itself.
+    """
     N = MT.shape[0]
     norm_g = np.linalg.norm(g)
-    if N <= DENSE_LIMIT:
-        Md = MT.toarray()
-        K = np.zeros((N + 1, N + 1))
-        K[:N, :N] = Md
-        K[:N, N] = z
-        K[N, :N] = pi
-        try:
-            sol = scipy.linalg.solve(K, np.append(g, 0.0), check_finite=False)
-            r = sol[:N]
-            if np.all(np.isfinite(r)) and (
-                np.linalg.norm(Md @ r - g) <= RESIDUAL_TOL * norm_g
-            ):
-                return r
-        except (np.linalg.LinAlgError, scipy.linalg.LinAlgWarning):
-            pass
-        # Degenerate: minimum-norm least squares.
-        r, *_ = np.linalg.lstsq(Md, g, rcond=1e-12)
-        return r
     K = sp.bmat(
         [[MT, sp.csc_matrix(z.reshape(-1, 1))],
          [sp.csc_matrix(pi.reshape(1, -1)), None]],

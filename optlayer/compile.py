@@ -192,6 +192,7 @@ def _owning_constraint(problem, var):
 def _param_map(chain, parameters, param_prob):
     """Sparse map S from the layer's theta to the canonical parameter vector.
 
+    Most parameters reach the cone program unchanged (an identity block).
     Parameters with dimension-reducing attributes (symmetric, PSD, ...)
     are replaced by smaller ones during canonicalization; the reductions'
     ``param_forward`` gives the (linear) map, which is probed column by
@@ -201,11 +202,19 @@ def _param_map(chain, parameters, param_prob):
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     rows, cols, vals = [], [], []
     for param, offset in zip(parameters, offsets[:-1]):
+        symmetric = any(param.attributes.get(a) for a in _SYMMETRIC)
+        if not symmetric and param.id in param_prob.param_id_to_col:
+            # Kept as it is by canonicalization: the identity on its block.
+            col = param_prob.param_id_to_col[param.id]
+            rows.extend(col + np.arange(param.size))
+            cols.extend(offset + np.arange(param.size))
+            vals.extend(np.ones(param.size))
+            continue
         for k in range(param.size):
             delta = np.zeros(param.size)
             delta[k] = 1.0
             delta = delta.reshape(param.shape, order="F")
-            if any(param.attributes.get(a) for a in _SYMMETRIC):
+            if symmetric:
                 # The layer reads a symmetric parameter through its
                 # symmetric part, so its gradient is symmetric too.
                 delta = (delta + delta.T) / 2

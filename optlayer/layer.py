@@ -21,9 +21,6 @@ _REFINE_ACCEPT = 1e-9
 # Memory for one chunk of the stacked dense adjoint.
 _DENSE_CHUNK_BYTES = 64 * 2**20
 
-_DOMAIN_ATTRIBUTES = ("nonneg", "pos", "nonpos", "neg", "symmetric", "PSD",
-                      "NSD")
-
 
 class Layer:
     """A parametrized convex problem as a differentiable function.
@@ -103,6 +100,8 @@ class Layer:
         cp_ = self.compiled
         self._cone = cp_.dims.to_scs()
         self._A_constant = cp_.A_is_constant and cp_.m > 0 and cp_.n > 0
+        # Column of each value of A (its row is compiled.A_indices).
+        self._A_cols = np.repeat(np.arange(cp_.n), np.diff(cp_.A_indptr))
         elim = cp_.elim
         nnz_e = elim.Ae_rows.size
         # Scatter matrices for the bilinear term A_e(theta) w(theta).
@@ -221,8 +220,7 @@ class Layer:
             # Stacked dense solves, in chunks of bounded memory.
             step = max(1, int(_DENSE_CHUNK_BYTES // (8 * (N + 1) ** 2)))
             step = min(step, -(-batch // self.n_jobs))
-            rows = cp_.A_indices
-            cols = np.repeat(np.arange(cp_.n), np.diff(cp_.A_indptr))
+            rows, cols = cp_.A_indices, self._A_cols
 
             def chunk(lo):
                 sl = slice(lo, lo + step)
@@ -367,8 +365,7 @@ class Layer:
         """Refine the batch in chunks on the thread pool."""
         cp_ = self.compiled
         batch = X.shape[0]
-        rows = cp_.A_indices
-        cols = np.repeat(np.arange(cp_.n), np.diff(cp_.A_indptr))
+        rows, cols = cp_.A_indices, self._A_cols
         N = cp_.n + cp_.m + 1
         step = max(1, int(_DENSE_CHUNK_BYTES // (8 * 3 * (N + 1) ** 2)))
         step = min(step, -(-batch // self.n_jobs))

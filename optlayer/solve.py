@@ -1,14 +1,10 @@
 """Solve a batch of cone programs with SCS in a thread pool."""
 
-import logging
-
 import numpy as np
 import scipy.sparse as sp
 import scs
 
 from optlayer.errors import SolverError
-
-logger = logging.getLogger("optlayer")
 
 # Tight by default: the adjoint differentiates the optimality conditions at
 # the returned point, so the gradient is only as accurate as the solution.

@@ -466,6 +466,27 @@ def test_solve_adjoint_round_trip(case, batch_size):
         _assert_close(g, r, 1e-12, "None cotangent")
 
 
+@pytest.mark.parametrize("case", _case_params())
+def test_sparse_adjoint_equals_dense(case, monkeypatch):
+    # Every zoo program is small enough for the stacked dense adjoint; the
+    # sparse LU path (with its LSQR fallback) serves larger ones. Forcing it
+    # here checks that both solve the same system. Both are direct solves
+    # of the same bordered matrix, so they agree to rounding (1e-8 leaves
+    # room for the conditioning of the degenerate LP cases).
+    import optlayer.adjoint
+
+    layer = _layer(case.name)
+    rng = _rng("sparse", case.name)
+    values = make_inputs(case, rng, 3)
+    outputs, state = layer.solve(*values)
+    cotangents = _random_cotangents(layer, 3, rng)
+    dense = layer.adjoint(values, state, cotangents)
+    monkeypatch.setattr(optlayer.adjoint, "DENSE_LIMIT", 0)
+    sparse = layer.adjoint(values, state, cotangents)
+    for i, (g, r) in enumerate(zip(sparse, dense)):
+        _assert_close(g, r, 1e-8, f"gradient {i}")
+
+
 # -- accuracy on degenerate LPs and near cone boundaries --------------------
 
 

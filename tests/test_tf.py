@@ -23,6 +23,7 @@ import keras  # noqa: E402
 
 import optlayer  # noqa: E402
 import optlayer_tf  # noqa: E402
+from benchmarks import relu as relu_driver  # noqa: E402
 from benchmarks import relu_tf  # noqa: E402
 from tests.zoo import CASES, get_case, make_inputs  # noqa: E402
 
@@ -411,7 +412,8 @@ def test_core_and_keras_options_are_routed():
 
 
 def test_relu_benchmark_small():
-    init, X, Y = relu_tf.make_data(d=5, h=5, n=20, seed=9)
+    init, X, Y = relu_driver.make_problem_data(d=5, h=5, n_samples=20,
+                                               seed=9)
     lines = []
     result = relu_tf.train(init, X, Y, steps=3, log=lines.append)
     reference = relu_tf.train(init, X, Y, steps=3, closed_form=True,
