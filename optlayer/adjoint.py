@@ -35,6 +35,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from optlayer import cones
+from optlayer import reduced as _reduced
 
 # Below this size (N = n + m + 1) the adjoint system is solved with stacked
 # dense arrays; above it, by a sparse LU per element.
@@ -211,6 +212,53 @@ def stack_q_plus_i(Av, rows, cols, Bv, C, n, m):
 
 def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims):
     """The adjoint for a chunk of the batch, with stacked dense arrays.
+
+    Solves the reduced system of ``optlayer.reduced`` (about n + number of
+    active constraints unknowns instead of n + m + 2) and checks each
+    element's answer against the unreduced Jacobian; elements that fail
+    the check (singular, degenerate programs) take the bordered system,
+    with a minimum-norm fallback (:func:`adjoint_bordered`).
+
+    Args:
+        Av: (B, nnz) values of A at positions (rows, cols).
+        Bv, C: (B, m) and (B, n) data.
+        X, Y, S: (B, n), (B, m), (B, m) solutions.
+        GX, GY, GS: cotangents shaped like X, Y, S.
+        dims: the cone.
+
+    Returns:
+        (dA (B, nnz), db (B, m), dc (B, n)).
+    """
+    B, n = X.shape
+    m = Y.shape[1]
+    V = Y - S
+    eig = _reduced.Eigen(V, dims)
+    Ad = _reduced.dense_A(Av, rows, cols, m, n)
+    g2 = eig.rot(eig.lam * eig.rot_t(GY + GS)) - GS
+    r1 = np.full((B, n), np.nan)
+    r2 = np.full((B, m), np.nan)
+    if n and m:
+        r1, r2 = _reduced.System(Ad, eig).adjoint(GX, g2)
+        t1, t2 = _reduced.apply_JT(Ad, eig, r1, r2)
+        res = np.sqrt(((t1 - GX) ** 2).sum(1) + ((t2 - g2) ** 2).sum(1))
+        scale = np.sqrt((GX ** 2).sum(1) + (g2 ** 2).sum(1))
+        bad = ~(res <= RESIDUAL_TOL * scale)
+    else:
+        bad = np.ones(B, dtype=bool)
+    dA = r2[:, rows] * X[:, cols] - Y[:, rows] * r1[:, cols]
+    db = -r2
+    dc = -r1
+    if np.any(bad):
+        sub = np.flatnonzero(bad)
+        out = adjoint_bordered(Av[sub], rows, cols, Bv[sub], C[sub], X[sub],
+                               Y[sub], S[sub], GX[sub], GY[sub], GS[sub],
+                               dims)
+        dA[sub], db[sub], dc[sub] = out
+    return dA, db, dc
+
+
+def adjoint_bordered(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims):
+    """The adjoint from the bordered residual-map system, stacked dense.
 
     Args:
         Av: (B, nnz) values of A at positions (rows, cols).

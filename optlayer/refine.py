@@ -21,6 +21,7 @@ import numpy as np
 
 from optlayer import adjoint as _adjoint
 from optlayer import cones
+from optlayer import reduced as _reduced
 
 
 def residual(Av, rows, cols, Bv, C, X, Y, S):
@@ -69,61 +70,97 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6):
     """
     X, Y, S = X.copy(), Y.copy(), S.copy()
     n, m = X.shape[1], Y.shape[1]
-    N = n + m + 1
     res = np.maximum(residual(Av, rows, cols, Bv, C, X, Y, S),
                      _cone_residual(Y, S, dims))
+    Ad = _reduced.dense_A(Av, rows, cols, m, n) if n and m else None
+    # The iterate (Xc, Vc) moves by full Newton steps even where a step
+    # does not lower the residual (a semismooth step that changes the
+    # active set often raises it once, then converges); (X, Y, S, res)
+    # keep each element's best point.
+    Xc, Vc = X.copy(), Y - S
+    alive = np.ones(X.shape[0], dtype=bool)
     for _ in range(max_steps):
-        active = np.flatnonzero(res > tol)
-        if active.size == 0:
+        a = np.flatnonzero((res > tol) & alive)
+        if a.size == 0:
             break
-        a = active
-        V = Y[a] - S[a]
-        Z = np.concatenate([X[a], V, np.ones((a.size, 1))], axis=1)
-        Pv = cones.project_batch(V, dims, dual=True)
-        Pi = np.concatenate([X[a], Pv, np.ones((a.size, 1))], axis=1)
-        QI = _adjoint.stack_q_plus_i(Av[a], rows, cols, Bv[a], C[a], n, m)
-        # R(z) = (Q - I) Pi + z = (Q + I) Pi - 2 Pi + z.
-        R = np.einsum("bij,bj->bi", QI, Pi) - 2.0 * Pi + Z
-        diag, blocks = _adjoint._dual_jacobian_stack(V, dims)
-        # M = (Q - I) D + I; D is the identity on the x and last entries.
-        QmI = QI.copy()
-        idx = np.arange(N)
-        QmI[:, idx, idx] -= 2.0
-        M = np.empty_like(QmI)
-        M[:, :, :n] = QmI[:, :, :n]
-        M[:, :, N - 1] = QmI[:, :, N - 1]
-        # Columns of the middle block: (Q - I)[:, mid] @ Dk = (Dk (Q-I)[:, mid]')'
-        mid = np.swapaxes(QmI[:, :, n:n + m], 1, 2)
-        M[:, :, n:n + m] = np.swapaxes(
-            _adjoint._apply_stack(diag, blocks, mid), 1, 2)
-        M[:, idx, idx] += 1.0
-        K = np.zeros((a.size, N + 1, N + 1))
-        K[:, :N, :N] = M
-        K[:, :N, N] = Pi
-        K[:, N, :N] = Z
-        rhs = np.zeros((a.size, N + 1))
-        rhs[:, :N] = -R
-        try:
-            dz = np.linalg.solve(K, rhs[..., None])[:, :N, 0]
-        except np.linalg.LinAlgError:
-            dz = np.stack([np.linalg.lstsq(K[i], rhs[i], rcond=1e-13)[0][:N]
-                           for i in range(a.size)])
-        Zn = Z + dz
-        w = Zn[:, -1]
-        ok = np.isfinite(Zn).all(axis=1) & (w > 0)
-        w = np.where(ok, w, 1.0)
-        Zn = Zn / w[:, None]
-        Vn = Zn[:, n:n + m]
-        Pn = cones.project_batch(np.where(ok[:, None], Vn, V), dims,
-                                 dual=True)
-        Xn, Yn, Sn = Zn[:, :n], Pn, Pn - Vn
+        Xn = Vn = None
+        if Ad is not None:
+            Xn, Vn = _reduced_step(Ad[a], Bv[a], C[a], Xc[a], Vc[a], dims)
+            ok = np.isfinite(Xn).all(axis=1) & np.isfinite(Vn).all(axis=1)
+        else:
+            ok = np.zeros(a.size, dtype=bool)
+        if not ok.all():
+            # Singular reduced system: the bordered homogeneous step.
+            sub = np.flatnonzero(~ok)
+            Xb, Vb = _bordered_step(Av[a[sub]], rows, cols, Bv[a[sub]],
+                                    C[a[sub]], Xc[a[sub]], Vc[a[sub]], dims)
+            if Xn is None:
+                Xn, Vn = np.empty_like(Xc[a]), np.empty_like(Vc[a])
+            Xn[sub], Vn[sub] = Xb, Vb
+            ok[sub] = np.isfinite(Xb).all(axis=1) & np.isfinite(Vb).all(axis=1)
+        alive[a[~ok]] = False
+        a, Xn, Vn = a[ok], Xn[ok], Vn[ok]
+        Xc[a], Vc[a] = Xn, Vn
+        Yn = cones.project_batch(Vn, dims, dual=True)
+        Sn = Yn - Vn
         new_res = np.maximum(
             residual(Av[a], rows, cols, Bv[a], C[a], Xn, Yn, Sn),
             _cone_residual(Yn, Sn, dims))
-        better = ok & (new_res < res[a])
-        if not np.any(better):
-            break
+        better = new_res < res[a]
         keep = a[better]
         X[keep], Y[keep], S[keep] = Xn[better], Yn[better], Sn[better]
         res[keep] = new_res[better]
     return X, Y, S, res
+
+
+def _reduced_step(Ad, Bv, C, X, V, dims):
+    """One Newton step on F(x, v) = 0 by the reduced system."""
+    Y = cones.project_batch(V, dims, dual=True)
+    F1 = np.einsum("bki,bk->bi", Ad, Y) + C
+    F2 = -np.einsum("bki,bi->bk", Ad, X) + Bv - (Y - V)
+    eig = _reduced.Eigen(V, dims)
+    dx, dv = _reduced.System(Ad, eig).newton(F1, F2)
+    return X + dx, V + dv
+
+
+def _bordered_step(Av, rows, cols, Bv, C, X, V, dims):
+    """One Newton step on the homogeneous residual map (bordered system)."""
+    B, n = X.shape
+    m = V.shape[1]
+    N = n + m + 1
+    Z = np.concatenate([X, V, np.ones((B, 1))], axis=1)
+    Pv = cones.project_batch(V, dims, dual=True)
+    Pi = np.concatenate([X, Pv, np.ones((B, 1))], axis=1)
+    QI = _adjoint.stack_q_plus_i(Av, rows, cols, Bv, C, n, m)
+    # R(z) = (Q - I) Pi + z = (Q + I) Pi - 2 Pi + z.
+    R = np.einsum("bij,bj->bi", QI, Pi) - 2.0 * Pi + Z
+    diag, blocks = _adjoint._dual_jacobian_stack(V, dims)
+    # M = (Q - I) D + I; D is the identity on the x and last entries.
+    QmI = QI.copy()
+    idx = np.arange(N)
+    QmI[:, idx, idx] -= 2.0
+    M = np.empty_like(QmI)
+    M[:, :, :n] = QmI[:, :, :n]
+    M[:, :, N - 1] = QmI[:, :, N - 1]
+    # Columns of the middle block: (Q - I)[:, mid] @ Dk = (Dk (Q-I)[:, mid]')'
+    mid = np.swapaxes(QmI[:, :, n:n + m], 1, 2)
+    M[:, :, n:n + m] = np.swapaxes(
+        _adjoint._apply_stack(diag, blocks, mid), 1, 2)
+    M[:, idx, idx] += 1.0
+    K = np.zeros((B, N + 1, N + 1))
+    K[:, :N, :N] = M
+    K[:, :N, N] = Pi
+    K[:, N, :N] = Z
+    rhs = np.zeros((B, N + 1))
+    rhs[:, :N] = -R
+    try:
+        dz = np.linalg.solve(K, rhs[..., None])[:, :N, 0]
+    except np.linalg.LinAlgError:
+        dz = np.stack([np.linalg.lstsq(K[i], rhs[i], rcond=1e-13)[0][:N]
+                       for i in range(B)])
+    Zn = Z + dz
+    w = Zn[:, -1]
+    good = np.isfinite(Zn).all(axis=1) & (w > 0)
+    Zn = Zn / np.where(good, w, 1.0)[:, None]
+    Zn[~good] = np.nan
+    return Zn[:, :n], Zn[:, n:n + m]

@@ -622,3 +622,98 @@ def test_import_without_frameworks():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOADED: []" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("case", _case_params())
+def test_reduced_adjoint_equals_bordered(case, monkeypatch):
+    # The stacked adjoint solves the reduced system (about n + number of
+    # active constraints unknowns); the bordered residual-map system is its
+    # fallback. On these nondegenerate programs both are direct solves of
+    # equivalent systems and must agree to rounding.
+    import optlayer.adjoint
+
+    layer = _layer(case.name)
+    rng = _rng("reduced", case.name)
+    values = make_inputs(case, rng, 3)
+    _, state = layer.solve(*values)
+    cotangents = _random_cotangents(layer, 3, rng)
+    calls = []
+    bordered = optlayer.adjoint.adjoint_bordered
+
+    def spy(*args):
+        calls.append(args[0].shape[0])
+        return bordered(*args)
+
+    monkeypatch.setattr(optlayer.adjoint, "adjoint_bordered", spy)
+    reduced = layer.adjoint(values, state, cotangents)
+    assert calls == [], "the reduced system was not used"
+    monkeypatch.setattr(optlayer.adjoint, "adjoint_dense", bordered)
+    want = layer.adjoint(values, state, cotangents)
+    for i, (g, r) in enumerate(zip(reduced, want)):
+        _assert_close(g, r, 1e-9, f"gradient {i}")
+
+
+def _interpolate(a, b, t):
+    # Convex combinations keep nonnegative, symmetric and PSD values so.
+    return [(1 - t) * x + t * y for x, y in zip(a, b)]
+
+
+@pytest.mark.parametrize("case", _case_params())
+def test_warm_start_matches_cold_start(case):
+    # Warm starts (the default) begin each call with Newton steps from the
+    # previous call's solution; they must give the cold-start answer, both
+    # for a nearby call (the training-loop case) and for unrelated values.
+    problem, params, variables = case.build()
+    warm = optlayer.Layer(problem, params, variables, **case.layer_kwargs)
+    cold = optlayer.Layer(problem, params, variables, warm_start=False,
+                          **case.layer_kwargs)
+    rng = _rng("warm", case.name)
+    first = make_inputs(case, rng, 4)
+    other = make_inputs(case, rng, 4)
+    warm(*first)
+    for values in (_interpolate(first, other, 0.01), other, first):
+        got = warm(*values)
+        want = cold(*values)
+        for k, (g, w) in enumerate(zip(got, want)):
+            _assert_close(g, w, 1e-9, f"output {k}")
+        cot = _random_cotangents(warm, 4, rng)
+        for k, (g, w) in enumerate(zip(warm.vjp(values, cot),
+                                       cold.vjp(values, cot))):
+            _assert_close(g, w, 1e-7, f"gradient {k}")
+
+
+@pytest.mark.parametrize("name", ["relu", "qp", "socp", "lasso"])
+def test_warm_start_skips_the_solver_for_nearby_values(name, monkeypatch):
+    # In a training loop the parameters move little between calls: Newton
+    # steps from the last solution then solve every element, SCS none.
+    import optlayer.solve
+
+    case = get_case(name)
+    layer = optlayer.Layer(*case.build(), **case.layer_kwargs)
+    rng = _rng("warm_skip", name)
+    first = make_inputs(case, rng, 8)
+    layer(*first)
+    calls = []
+    monkeypatch.setattr(optlayer.solve, "solve_one",
+                        lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(optlayer.solve.Workspace, "solve",
+                        lambda *a, **k: calls.append(1))
+    nearby = _interpolate(first, make_inputs(case, rng, 8), 1e-3)
+    outputs = layer(*nearby)
+    assert calls == []
+    cold = optlayer.Layer(*case.build(), warm_start=False,
+                          **case.layer_kwargs)
+    monkeypatch.undo()
+    for g, w in zip(outputs, cold(*nearby)):
+        _assert_close(g, w, 1e-9, "output")
+
+
+def test_warm_start_ignores_other_batch_sizes():
+    case = get_case("qp")
+    layer = optlayer.Layer(*case.build())
+    rng = _rng("warm_sizes")
+    layer(*make_inputs(case, rng, 4))
+    values = make_inputs(case, rng, 3)
+    (got,) = layer(*values)
+    (want,) = optlayer.Layer(*case.build(), warm_start=False)(*values)
+    _assert_close(got, want, 1e-9, "output")

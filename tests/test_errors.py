@@ -327,19 +327,25 @@ def test_inaccurate_solve_warns():
 def test_inaccurate_warning_names_only_unrefined_elements():
     # With refinement, elements that Newton steps bring to full accuracy
     # are not reported; the warning names exactly the inaccurate ones.
+    # Three SCS iterations leave some elements too far for Newton steps
+    # (and the tight re-solve keeps max_iters), others not.
     case = get_case("qp")
-    problem, params, variables = case.build()
-    layer = optlayer.Layer(problem, params, variables,
-                           solver_options={"max_iters": 5})
-    values = make_inputs(case, np.random.default_rng(1), 3)
-    with pytest.warns(RuntimeWarning,
-                      match=r"inaccurate solution") as record:
-        (x,) = layer(*values)
-    named = _named_elements(str(record[0].message))
-    (ref,) = optlayer.Layer(*case.build())(*values)
-    wrong = np.flatnonzero(np.abs(x - ref).max(axis=1) > 1e-8).tolist()
-    assert named == wrong
-    assert len(record) == 1
+    warned = 0
+    for seed in range(3):
+        layer = optlayer.Layer(*case.build(), solver_options={"max_iters": 3})
+        values = make_inputs(case, np.random.default_rng(seed), 3)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            (x,) = layer(*values)
+        messages = [str(w.message) for w in record
+                    if issubclass(w.category, RuntimeWarning)]
+        assert len(messages) <= 1, messages
+        named = _named_elements(messages[0]) if messages else []
+        warned += bool(messages)
+        (ref,) = optlayer.Layer(*case.build())(*values)
+        wrong = np.flatnonzero(np.abs(x - ref).max(axis=1) > 1e-8).tolist()
+        assert named == wrong, (seed, named, wrong)
+    assert warned, "no seed left an element unrefined"
 
 
 def _named_elements(message):
@@ -350,15 +356,15 @@ def _named_elements(message):
 
 def test_inaccurate_warnings_name_inaccurate_elements():
     # min c'x + ||x||^2 s.t. x >= lo, solved as x = max(-c / 2, lo). With
-    # c = 0 the solution (0) is reached at once; the other elements stay
-    # inaccurate after 5 iterations. No warning may name only elements
-    # whose results are accurate.
+    # c = 0 the solution (0) is reached at once; after 3 iterations Newton
+    # steps finish some of the others, not all. The warning names exactly
+    # the elements whose results are inaccurate.
     x = cp.Variable(3)
     c = cp.Parameter(3, name="c")
     lo = cp.Parameter(3, name="lo")
     problem = cp.Problem(cp.Minimize(c @ x + cp.sum_squares(x)), [x >= lo])
     layer = optlayer.Layer(problem, [c, lo], [x],
-                           solver_options={"max_iters": 5})
+                           solver_options={"max_iters": 3})
     cs = np.array([[0.0, 0.0, 0.0], [1.0, -2.0, 3.0], [0.0, 0.0, 0.0],
                    [2.0, 1.0, -1.0]])
     lo_value = -np.ones(3)
@@ -371,13 +377,8 @@ def test_inaccurate_warnings_name_inaccurate_elements():
     assert inaccurate, "expected some elements to stay inaccurate"
     messages = [str(w.message) for w in caught
                 if issubclass(w.category, RuntimeWarning)]
-    assert messages
-    for message in messages:
-        named = _named_elements(message)
-        assert set(named) & inaccurate, (
-            f"warning names only accurate elements {named} (inaccurate: "
-            f"{sorted(inaccurate)}): {message}"
-        )
+    assert len(messages) == 1, messages
+    assert set(_named_elements(messages[0])) == inaccurate, messages[0]
 
 
 # -- silence ---------------------------------------------------------------
