@@ -1,8 +1,18 @@
 """Side-by-side benchmark: optlayer against cvxpylayers, same inputs, one run.
 
 Run ``python -m benchmarks.compare`` (all workloads, batches 1, 16, 128,
-3 repeats) or ``python -m benchmarks.compare --quick`` (batches 1, 16, one
-repeat; under two minutes on two cores).
+3 repeats) or ``python -m benchmarks.compare --quick`` (the same batches,
+one repeat; about two and a half minutes on two cores).
+
+After the table comes the cost per batch element: for every workload and
+library measured at two batch sizes or more, the least-squares line
+``total time = intercept + slope * batch`` through the total times (slope
+in ms per element, intercept in ms, the fixed cost of a call), and a
+linearity check, ``(t(B_max) / t(B_min)) / (B_max / B_min)``: 1 when the
+time is proportional to the batch, below 1 when a fixed cost is amortized
+over the larger batch, above 1 when the cost per element grows with the
+batch. With one repeat the times are single measurements; the fit inherits
+their noise.
 
 Method
 ------
@@ -48,7 +58,7 @@ Workloads
           ``||A_i x + b_i|| <= 1`` and ``||x|| <= 1``; ``c``, ``A_i``,
           ``b_i`` parameters (batched).
 ``relu``  the seed's ReLU layer 20 -> 20; ``W`` and ``b`` unbatched (shared),
-          ``x`` batched; batch 300 only.
+          ``x`` batched; batch 300 only (so it has no per-element fit).
 """
 
 import argparse
@@ -276,7 +286,7 @@ def run(workloads, batch_sizes, repeats, seed=0):
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         res = measure(layer, values, weight, repeats)
-                except Exception as exc:  # report and go on with the rest
+                except Exception as exc:  # noqa: BLE001 - report, go on
                     row["failed"] = f"{type(exc).__name__}: {exc}"[:60]
                 else:
                     row.update(res)
@@ -324,6 +334,58 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def fit_cost_per_element(rows):
+    """Least-squares ``total = intercept + slope * batch`` per workload/library.
+
+    Only rows that did not fail count; a (workload, library) pair needs two
+    distinct batch sizes or more.
+
+    Returns:
+        A list of dicts with "workload", "library", "batches" (sorted),
+        "slope" and "intercept" (seconds per element, seconds) and
+        "scaling" = (t(B_max) / t(B_min)) / (B_max / B_min).
+    """
+    groups = {}
+    for r in rows:
+        if "failed" not in r:
+            groups.setdefault((r["workload"], r["library"]), []).append(
+                (r["batch"], r["total"]))
+    fits = []
+    for (workload, library), points in groups.items():
+        points.sort()
+        batches = np.array([b for b, _ in points], dtype=float)
+        times = np.array([t for _, t in points])
+        if len(np.unique(batches)) < 2:
+            continue
+        slope, intercept = np.polyfit(batches, times, 1)
+        growth = batches[-1] / batches[0]
+        fits.append({"workload": workload, "library": library,
+                     "batches": [int(b) for b in batches],
+                     "slope": float(slope), "intercept": float(intercept),
+                     "scaling": float(times[-1] / times[0] / growth)})
+    return fits
+
+
+def format_fits(fits):
+    """The cost-per-element section as text (empty when there is no fit)."""
+    if not fits:
+        return ""
+    title = ("cost per batch element: least-squares fit of the total time, "
+             "total = intercept + slope * batch")
+    head = (f"{'workload':<8} {'library':<11} {'batches':>10} "
+            f"{'slope ms/elem':>13} {'intercept ms':>12} {'scaling':>7}")
+    lines = [title, head, "-" * len(head)]
+    for f in fits:
+        batches = ",".join(str(b) for b in f["batches"])
+        lines.append(f"{f['workload']:<8} {f['library']:<11} {batches:>10} "
+                     f"{1e3 * f['slope']:>13.3f} "
+                     f"{1e3 * f['intercept']:>12.2f} {f['scaling']:>7.2f}")
+    lines.append("scaling = (t(B_max) / t(B_min)) / (B_max / B_min): 1 = time "
+                 "proportional to the batch, < 1 = fixed cost amortized, > 1 "
+                 "= cost per element grows with the batch.")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     """Command-line flags."""
     parser = argparse.ArgumentParser(
@@ -338,7 +400,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed calls per measurement (median)")
     parser.add_argument("--quick", action="store_true",
-                        help="batches 1,16 and one repeat")
+                        help="batches 1,16,128 and one repeat")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w]
@@ -346,7 +408,7 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"unknown workloads {unknown}; choose from {WORKLOADS}")
     if args.quick:
-        args.batch_sizes, args.repeats = "1,16", 1
+        args.batch_sizes, args.repeats = "1,16,128", 1
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     if args.repeats < 1 or any(b < 1 for b in args.batch_sizes):
         parser.error("--repeats and batch sizes must be positive")
@@ -364,6 +426,9 @@ def main(argv=None):
           "one forward+backward; max err = max |out - CVXPY/Clarabel "
           "(tol 1e-12)|; speed-up = cvxpylayers total / optlayer total; "
           "acc ratio = cvxpylayers err / optlayer err.")
+    fits = format_fits(fit_cost_per_element(rows))
+    if fits:
+        print(f"\n{fits}")
     loose = sorted({(r["workload"], r["batch"], r["ref_tol"]) for r in rows
                     if r["ref_tol"] > REFERENCE_OPTIONS["tol_feas"]})
     for name, batch, tol in loose:

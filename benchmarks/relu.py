@@ -14,9 +14,22 @@ plain NumPy with the closed-form ReLU and hand-written backpropagation from
 the same start. Each framework runs in its own process so that its time and
 peak memory are its own.
 
+With ``--compare`` the same training loop is then run with cvxpylayers'
+layers instead of optlayer's (``benchmarks/relu_cvxpylayers.py``), on
+PyTorch and JAX (cvxpylayers has no TensorFlow layer here), each in its own
+process measured the same way. cvxpylayers runs on the chosen frameworks it
+supports, or on every one it supports when none of them is chosen (e.g.
+``--framework tf``); a framework for which cvxpylayers (or its diffcp
+backend) is not importable is skipped with a note. The summary then has a
+row per cvxpylayers run, a "speed-up" column for optlayer's rows (the
+fastest cvxpylayers wall time of the run over the row's wall time, > 1 means
+optlayer is faster) and one line per optlayer framework comparing it with
+cvxpylayers on the same framework.
+
 Usage:
     optlayer-relu                       # all installed frameworks
     optlayer-relu --framework torch --steps 5 --plot curves.png
+    optlayer-relu --compare             # and cvxpylayers, side by side
 """
 
 import argparse
@@ -33,6 +46,11 @@ import numpy as np
 
 FRAMEWORKS = ("torch", "jax", "tf")
 _MODULES = {"torch": "torch", "jax": "jax", "tf": "tensorflow"}
+# Frameworks with a cvxpylayers layer, and the worker name of each run.
+CVXPYLAYERS_FRAMEWORKS = ("torch", "jax")
+_CVXPYLAYERS_PREFIX = "cvxpylayers-"
+WORKERS = FRAMEWORKS + tuple(_CVXPYLAYERS_PREFIX + fw
+                             for fw in CVXPYLAYERS_FRAMEWORKS)
 
 
 def relu_problem(input_dim, output_dim):
@@ -100,12 +118,12 @@ def reference_curve(init, X, Y, steps=25, lr=1e-2, beta1=0.9, beta2=0.999,
         g_a1 = (g_a2 @ params["W2"]) * (a1 > 0)
         grads["W1"] = g_a1.T @ X
         grads["b1"] = g_a1.sum(axis=0)
-        for k in params:
+        for k, p in params.items():
             m[k] = beta1 * m[k] + (1 - beta1) * grads[k]
             v[k] = beta2 * v[k] + (1 - beta2) * grads[k] ** 2
             m_hat = m[k] / (1 - beta1 ** t)
             v_hat = v[k] / (1 - beta2 ** t)
-            params[k] = params[k] - lr * m_hat / (np.sqrt(v_hat) + eps)
+            params[k] = p - lr * m_hat / (np.sqrt(v_hat) + eps)
     return losses
 
 
@@ -115,22 +133,56 @@ def installed_frameworks():
             if importlib.util.find_spec(_MODULES[fw]) is not None]
 
 
+def _importable(name):
+    """Whether module ``name`` can be found (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package is missing
+        return False
+
+
+def cvxpylayers_frameworks():
+    """The frameworks on which cvxpylayers can run here.
+
+    A framework counts when it, ``cvxpylayers.<framework>`` and diffcp
+    (cvxpylayers' default backend) can all be found.
+    """
+    if not (_importable("cvxpylayers") and _importable("diffcp")):
+        return []
+    return [fw for fw in CVXPYLAYERS_FRAMEWORKS
+            if _importable(_MODULES[fw]) and _importable(f"cvxpylayers.{fw}")]
+
+
 def _peak_rss_mb():
     # ru_maxrss is in kilobytes on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def run_worker(args):
-    """Train on one framework in this process; print a JSON result."""
+    """Train on one framework in this process; print a JSON result.
+
+    ``args.worker`` is a framework (optlayer's layers) or
+    ``cvxpylayers-<framework>`` (cvxpylayers' layers). The peak RSS after
+    importing the framework and the layer library is reported as
+    "rss_import_mb", the peak at the end as "rss_peak_mb".
+    """
     init, X, Y = make_problem_data(args.input_dim, args.width,
                                    args.batch_size, args.seed)
-    importlib.import_module(_MODULES[args.worker])
-    module = importlib.import_module(f"benchmarks.relu_{args.worker}")
+    options = {}
+    if args.worker.startswith(_CVXPYLAYERS_PREFIX):
+        fw = args.worker[len(_CVXPYLAYERS_PREFIX):]
+        importlib.import_module(_MODULES[fw])
+        importlib.import_module(f"cvxpylayers.{fw}")
+        module = importlib.import_module("benchmarks.relu_cvxpylayers")
+        options["framework"] = fw
+    else:
+        importlib.import_module(_MODULES[args.worker])
+        module = importlib.import_module(f"benchmarks.relu_{args.worker}")
     rss_import = _peak_rss_mb()
     log = (lambda s: None) if args.quiet else (
         lambda s: print(f"[{args.worker}] {s}", file=sys.stderr, flush=True))
     result = module.train(init, X, Y, steps=args.steps, lr=args.lr,
-                          n_jobs=args.n_jobs, log=log)
+                          n_jobs=args.n_jobs, log=log, **options)
     result = {k: (float(v) if isinstance(v, (np.floating, float)) else v)
               for k, v in result.items()}
     result["losses"] = [float(x) for x in result["losses"]]
@@ -140,6 +192,7 @@ def run_worker(args):
 
 
 def _run_framework(fw, args):
+    """Run worker ``fw`` (see ``WORKERS``) in a subprocess; its result."""
     cmd = [sys.executable, "-m", "benchmarks.relu", "--worker", fw,
            "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--width", str(args.width), "--input-dim", str(args.input_dim),
@@ -185,12 +238,19 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--n-jobs", type=int, default=None,
-                        help="solver threads (default: all cores)")
+                        help="solver threads (default: all cores); with "
+                             "--compare also diffcp's threads in the "
+                             "cvxpylayers runs")
     parser.add_argument("--plot", metavar="FILE.png", default=None,
                         help="draw the loss curves (needs matplotlib)")
     parser.add_argument("--quiet", action="store_true",
                         help="do not print the per-step losses")
-    parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    parser.add_argument("--compare", action="store_true",
+                        help="also train with cvxpylayers' layers (PyTorch, "
+                             "JAX; default settings), each in its own "
+                             "process, and add their rows and optlayer's "
+                             "speed-up to the summary")
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         run_worker(args)
@@ -227,12 +287,33 @@ def main(argv=None):
             print(f"step {k:3d}  loss {loss:.12f}")
         results[fw] = res
 
+    # cvxpylayers, on the chosen frameworks it supports (or all of them).
+    others, notes = {}, []
+    if args.compare:
+        compare_fws, notes = _compare_frameworks(chosen)
+        for fw in compare_fws:
+            print(f"\n== cvxpylayers/{fw} ==", flush=True)
+            try:
+                res = _run_framework(_CVXPYLAYERS_PREFIX + fw, args)
+            except (RuntimeError, ValueError, IndexError) as exc:
+                notes.append(f"note: the cvxpylayers/{fw} run failed ({exc}); "
+                             f"its row is skipped.")
+                continue
+            for k, loss in enumerate(res["losses"]):
+                print(f"step {k:3d}  loss {loss:.12f}")
+            others[fw] = res
+
     solves = 2 * args.batch_size * args.steps
+    fastest = min((r["wall_time"] for r in others.values()), default=None)
     rows = []
-    for fw, res in results.items():
+    labelled = [(f"optlayer/{fw}" if args.compare else fw, res, True)
+                for fw, res in results.items()]
+    labelled += [(f"cvxpylayers/{fw}", res, False)
+                 for fw, res in others.items()]
+    for label, res, ours in labelled:
         dev = max(abs(a - b) for a, b in zip(res["losses"], reference))
-        rows.append([
-            fw,
+        row = [
+            label,
             f"{res['losses'][-1]:.10f}",
             f"{res['wall_time']:.2f}",
             f"{solves / res['wall_time']:.0f}",
@@ -243,25 +324,79 @@ def main(argv=None):
             f"{res['max_output_error']:.1e}",
             f"{res['max_grad_error']:.1e}",
             f"{dev:.1e}",
-        ])
+        ]
+        if args.compare:
+            row.append(f"{fastest / res['wall_time']:.2f}"
+                       if ours and fastest is not None else "-")
+        rows.append(row)
+    header = ["framework", "final loss", "wall s", "solves/s", "fwd s",
+              "bwd s", "peak MB", "MB over import", "max out err",
+              "max grad err", "max |loss-ref|"]
+    if args.compare:
+        header.append("speed-up")
     print(f"\nsummary: {args.steps} steps, {args.batch_size} samples, "
           f"width {args.width}, {solves} solves and {solves} backward passes "
           f"per framework, {os.cpu_count()} cores")
-    print(_table(rows, ["framework", "final loss", "wall s", "solves/s",
-                        "fwd s", "bwd s", "peak MB", "MB over import",
-                        "max out err", "max grad err", "max |loss-ref|"]))
+    print(_table(rows, header))
     if len(results) > 1:
         curves = np.array([r["losses"] for r in results.values()])
         spread = curves.max(axis=0) - curves.min(axis=0)
-        print(f"largest difference between frameworks' losses at a step: "
+        between = "optlayer's frameworks'" if args.compare else "frameworks'"
+        print(f"largest difference between {between} losses at a step: "
               f"{spread.max():.1e} (step {int(spread.argmax())})")
+    if args.compare:
+        _print_comparison(results, others, notes)
     if args.plot:
-        _plot(args.plot, results, reference)
+        _plot(args.plot, results, reference, others)
         print(f"loss curves written to {args.plot}")
     return 0
 
 
-def _plot(path, results, reference):
+def _compare_frameworks(chosen):
+    """cvxpylayers' frameworks for ``--compare`` and notes on those skipped.
+
+    The chosen frameworks that cvxpylayers supports; when there is none
+    (e.g. only TensorFlow was chosen), every framework it supports. Of
+    those, the ones on which cvxpylayers cannot be imported are skipped.
+    """
+    wanted = [fw for fw in chosen if fw in CVXPYLAYERS_FRAMEWORKS]
+    if not wanted:
+        wanted = list(CVXPYLAYERS_FRAMEWORKS)
+    importable = cvxpylayers_frameworks()
+    if not importable:
+        return [], [("note: --compare: cvxpylayers (with its diffcp "
+                     "backend) is not importable, so there are no "
+                     "cvxpylayers rows; pip install 'optlayer[bench]'")]
+    notes = [f"note: --compare: cvxpylayers/{fw} skipped ({_MODULES[fw]} "
+             f"or cvxpylayers.{fw} is not importable)"
+             for fw in wanted if fw not in importable]
+    return [fw for fw in wanted if fw in importable], notes
+
+
+def _print_comparison(results, others, notes):
+    """One line per optlayer framework against cvxpylayers, then notes."""
+    print("\noptlayer against cvxpylayers on the same framework "
+          "(speed-up = cvxpylayers wall time / optlayer wall time):")
+    for fw, res in results.items():
+        other = others.get(fw)
+        if other is None:
+            why = ("cvxpylayers has no layer for it"
+                   if fw not in CVXPYLAYERS_FRAMEWORKS else "no cvxpylayers run")
+            print(f"  {fw}: optlayer {res['wall_time']:.2f} s; {why}")
+            continue
+        speed_up = other["wall_time"] / res["wall_time"]
+        print(f"  {fw}: optlayer {res['wall_time']:.2f} s, cvxpylayers "
+              f"{other['wall_time']:.2f} s, speed-up {speed_up:.2f}")
+    if others:
+        name, best = min(others.items(), key=lambda kv: kv[1]["wall_time"])
+        print(f"the speed-up column divides the fastest cvxpylayers run "
+              f"(cvxpylayers/{name}, {best['wall_time']:.2f} s) by each "
+              f"optlayer row's wall time.")
+    for note in notes:
+        print(note)
+
+
+def _plot(path, results, reference, others=None):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -273,6 +408,8 @@ def _plot(path, results, reference):
     ax.plot(reference, "k-", lw=3, alpha=0.3, label="closed form (NumPy)")
     for (fw, res), style in zip(results.items(), ["o-", "s--", "^:"]):
         ax.plot(res["losses"], style, ms=3, label=f"optlayer ({fw})")
+    for (fw, res), style in zip((others or {}).items(), ["x-.", "d-."]):
+        ax.plot(res["losses"], style, ms=3, label=f"cvxpylayers ({fw})")
     ax.set_xlabel("Adam step")
     ax.set_ylabel("training loss")
     ax.legend()
