@@ -9,6 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from optlayer import adjoint as _adjoint
+from optlayer import cones
 from optlayer import refine as _refine
 from optlayer import solve as _solve
 from optlayer.compile import compile_problem
@@ -105,6 +106,7 @@ class Layer:
         self.n_jobs = int(n_jobs) if n_jobs else (os.cpu_count() or 1)
         self.warm_start = bool(warm_start)
         self._last_solution = None
+        self._previous_solution = None
         self._pool = None
         self._local = threading.local()
         cp_ = self.compiled
@@ -176,8 +178,13 @@ class Layer:
             last = self._last_solution
             if last is not None and last[0].shape[0] == batch:
                 warm_start = last
+                prev = self._previous_solution
+                if self.refine and prev is not None and \
+                        prev[0].shape[0] == batch:
+                    warm_start = self._extrapolate(Av, Bv, C, prev, last)
         X, Y, S = self._solve_batch(Av, Bv, C, batched, warm_start)
         if self.warm_start:
+            self._previous_solution = self._last_solution
             self._last_solution = (X, Y, S)
         outputs = self._recover(X, Y, w, batched)
         return outputs, (X, Y, S)
@@ -371,6 +378,29 @@ class Layer:
                                       todo, batched, batch)
             X[todo], Y[todo], S[todo] = Xr, Yr, Sr
         return X, Y, S
+
+    def _extrapolate(self, Av, Bv, C, prev, last):
+        """The better, per element, of the last solution and its linear
+        extrapolation from the one before (parameters that moved by similar
+        steps in the last two calls, as in a training loop with momentum,
+        tend to move on in the same direction)."""
+        dims = self.compiled.dims
+        rows, cols = self.compiled.A_indices, self._A_cols
+        X1, V1 = last[0], last[1] - last[2]
+        Xe = 2.0 * X1 - prev[0]
+        Ve = 2.0 * V1 - (prev[1] - prev[2])
+        Ye = cones.project_batch(Ve, dims, dual=True)
+        Se = Ye - Ve
+
+        def res(X, Y, S):
+            return np.maximum(
+                _refine.residual(Av, rows, cols, Bv, C, X, Y, S),
+                _refine._cone_residual(Y, S, dims))
+
+        better = res(Xe, Ye, Se) < res(*last)
+        pick = better[:, None]
+        return (np.where(pick, Xe, last[0]), np.where(pick, Ye, last[1]),
+                np.where(pick, Se, last[2]))
 
     def _refine_chunks(self, Av, Bv, C, X, Y, S, max_steps=6):
         """Refine the batch in chunks on the thread pool."""
