@@ -232,14 +232,14 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims):
     B, n = X.shape
     m = Y.shape[1]
     V = Y - S
-    eig = _reduced.Eigen(V, dims)
+    st = _reduced.Structure(V, dims)
     Ad = _reduced.dense_A(Av, rows, cols, m, n)
-    g2 = eig.rot(eig.lam * eig.rot_t(GY + GS)) - GS
+    g2 = st.apply_P(GY + GS) - GS
     r1 = np.full((B, n), np.nan)
     r2 = np.full((B, m), np.nan)
     if n and m:
-        r1, r2 = _reduced.System(Ad, eig).adjoint(GX, g2)
-        t1, t2 = _reduced.apply_JT(Ad, eig, r1, r2)
+        r1, r2 = _reduced.System(Ad, st).adjoint(GX, g2)
+        t1, t2 = _reduced.apply_JT(Ad, st, r1, r2)
         res = np.sqrt(((t1 - GX) ** 2).sum(1) + ((t2 - g2) ** 2).sum(1))
         scale = np.sqrt((GX ** 2).sum(1) + (g2 ** 2).sum(1))
         bad = ~(res <= RESIDUAL_TOL * scale)

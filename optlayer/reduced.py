@@ -12,28 +12,37 @@ homogenizing variable fixed at 1 are
 
 n + m square; the full residual-map systems of ``optlayer.adjoint`` and
 ``optlayer.refine`` are one larger and bordered. Both J and J' shrink to
-about n + (number of active constraints) unknowns:
+about n + (number of active constraints) unknowns.
 
-P is symmetric with eigenvalues in [0, 1] and block diagonal over the cones.
-In its eigenbasis R (the identity on the zero and nonnegative cones, the
-eigenvectors of each dense block elsewhere), P = R diag(lam) R'. Write
-A~ = R'A and, for a Newton step J (dx, dv) = -(F1, F2), dv = R t. Then
+P is symmetric, block diagonal over the cones, with eigenvalues in [0, 1].
+Let P = R diag(lam) R' (R orthogonal), A~ = R'A, and write a Newton step
+J (dx, dv) = -(F1, F2) in the eigenbasis, dv = R t, f = R'F2:
 
-    A~' diag(lam) t = -F1,     (1 - lam) t = A~ dx - R'F2.
+    A~' diag(lam) t = -F1,     (1 - lam) t = A~ dx - f.
 
 Where 1 - lam is not small ("soft" directions, including lam = 0), t is
-eliminated: t_k = ((A~ dx)_k - f_k) / (1 - lam_k), f = R'F2. The rest
-("hard" directions, lam near 1: equality constraints, active inequalities,
-the normal direction of a cone at a boundary point) keep their t, giving
+eliminated: t_k = ((A~ dx)_k - f_k) / (1 - lam_k). The "hard" directions
+(lam near 1: equality constraints, active inequalities, the normal of a
+second-order cone at a boundary point) keep their t, giving
 
     K = [[A~' G A~,  A_h' diag(lam_h)],    G = diag(lam / (1 - lam)) on soft
          [A_h,       -diag(1 - lam_h)]],   A_h = hard rows of A~,
 
-with K [dx; t_h] = [-F1 + A~' G f;  f_h]. The adjoint system J' r = g is
-solved with K' (same blocks, derivation in :func:`adjoint`). The elimination
-is exact for any split; the split only bounds 1 / (1 - lam) by
-1 / HARD_GAP. Elements have different numbers of hard directions; a chunk is
-padded to its largest with rows that read p = 0.
+with K [dx; t_h] = [-F1 + A~' G f;  f_h]. The adjoint J' r = g is solved
+with K' (see :meth:`System.adjoint`). The elimination is exact for any
+split; the split only bounds 1 / (1 - lam). A chunk is padded to the
+largest number of hard directions of its elements with rows that read 0.
+
+The eigenbasis is explicit only where it must be. Zero and nonnegative
+cones have lam in {0, 1} and R = I. A second-order cone has, at a point
+v = (t, x) with ||x|| > |t|, u = x / ||x||: eigenvalue 1 along
+e1 = (1, u)/sqrt 2, 0 along e0 = (-1, u)/sqrt 2, and mu = (1 + t/||x||)/2
+on every (0, w), w orthogonal to u; its one hard direction is e1 and its
+middle directions enter only through the projector Pm = diag(0, I - uu')
+(inside the cone P = I, all hard; in the polar P = 0). The middle is always
+treated as soft: 1 - mu is small only without strict complementarity,
+where callers' checks send the element to the bordered systems. PSD,
+exponential and power cones use a numerical eigendecomposition.
 
 When J is singular (non-unique solutions, degenerate programs) K is too;
 callers check the result against J and fall back to the bordered systems.
@@ -45,6 +54,7 @@ from optlayer import cones
 
 # Directions with 1 - lam below this are kept as unknowns ("hard").
 HARD_GAP = 1e-3
+_C = 1.0 / np.sqrt(2.0)
 
 
 def dense_A(Av, rows, cols, m, n):
@@ -54,107 +64,101 @@ def dense_A(Av, rows, cols, m, n):
     return Ad
 
 
-def _dense_blocks(dims):
-    """Row ranges of the cones whose DPi is a dense block."""
-    return [(i, j) for _, i, j, _ in cones._blocks(dims)]
+class _Soc:
+    """One second-order cone block of a stack of points."""
+
+    def __init__(self, i, j, V):
+        self.i, self.j = i, j
+        t, X = V[:, 0], V[:, 1:]
+        r = np.linalg.norm(X, axis=1)
+        self.inside = r <= t
+        polar = (r <= -t) & ~self.inside
+        self.general = ~(self.inside | polar)
+        safe = np.where(self.general, r, 1.0)
+        self.u = np.where(self.general[:, None], X / safe[:, None], 0.0)
+        self.mu = np.where(self.general, 0.5 * (1.0 + t / safe), 0.0)
+        # 1 - mu; NaN where it vanishes to rounding (no strict
+        # complementarity), so that such elements fail the callers' checks
+        # and take the bordered systems.
+        gap = np.where(self.general, 1.0 - self.mu, 1.0)
+        self.gap = np.where(gap > 1e-13, gap, np.nan)
+
+    def e1(self, Z):
+        """e1'Z over the block's rows (Z (B, k) or (B, k, n)); 0 if not
+        general."""
+        if Z.ndim == 2:
+            val = Z[:, 0] + np.einsum("bi,bi->b", self.u, Z[:, 1:])
+        else:
+            val = Z[:, 0] + np.einsum("bi,bin->bn", self.u, Z[:, 1:])
+        return _C * val
+
+    def e0(self, Z):
+        """e0'Z for Z (B, k) (0 where not general)."""
+        return _C * (-Z[:, 0] + np.einsum("bi,bi->b", self.u, Z[:, 1:]))
+
+    def mid(self, Z):
+        """Pm Z for Z (B, k): the x part minus its u component."""
+        out = Z.copy()
+        out[:, 0] = 0.0
+        out[:, 1:] -= self.u * np.einsum("bi,bi->b", self.u, Z[:, 1:])[:, None]
+        return out
+
+    def vec(self, coef, which):
+        """coef * e1 (which=1) or coef * e0 (which=0), as (B, k)."""
+        out = np.empty((coef.shape[0], self.u.shape[1] + 1))
+        out[:, 0] = _C * coef if which else -_C * coef
+        out[:, 1:] = (_C * coef)[:, None] * self.u
+        return out
+
+    def apply_P(self, Z):
+        """P Z for Z (B, k)."""
+        g = self.general[:, None]
+        general = self.vec(self.e1(Z), 1) + self.mu[:, None] * self.mid(Z)
+        return np.where(self.inside[:, None], Z, np.where(g, general, 0.0))
 
 
-class Eigen:
-    """Eigen-decomposition of P = DPi_{K*}(v) for a stack of points.
+class Structure:
+    """P = DPi_{K*}(v) for a stack of points, in the form the systems use.
 
-    Attributes:
-        lam: (B, m) eigenvalues, in [0, 1].
-        blocks: [(i, j, U)] eigenvectors (B, k, k) of each dense block;
-            the zero and nonnegative cones have R = I there.
-        zl: number of leading rows with a diagonal P (zero and nonneg).
+    Args:
+        V: (B, m) points v = y - s.
+        dims: the cone.
     """
 
     def __init__(self, V, dims):
         B, m = V.shape
         z, nonneg = dims.zero, dims.nonneg
+        self.m = m
         self.zl = z + nonneg
-        lam = np.empty((B, m))
-        lam[:, :z] = 1.0
-        lam[:, z:self.zl] = V[:, z:self.zl] > 0
-        self.blocks = []
+        self.lam_diag = np.concatenate(
+            [np.ones((B, z)), (V[:, z:self.zl] > 0).astype(float)], axis=1)
+        self.generic = []          # (i, j, lam (B, k), U (B, k, k))
+        self.soc = []
         for kind, i, j, param in cones._blocks(dims):
             Vb = V[:, i:j]
             if kind == "soc":
-                w, U = _soc_eigen(Vb)
+                self.soc.append(_Soc(i, j, Vb))
+                continue
+            if kind == "psd":
+                D = cones._dproj_psd_stack(Vb)
+            elif kind == "exp":
+                D = np.stack([np.eye(3) - cones.dproj_exp(-v) for v in Vb])
             else:
-                if kind == "psd":
-                    D = cones._dproj_psd_stack(Vb)
-                elif kind == "exp":
-                    D = np.stack([np.eye(3) - cones.dproj_exp(-v)
-                                  for v in Vb])
-                else:
-                    D = np.stack([np.eye(3) - cones.dproj_pow(-v, param)
-                                  for v in Vb])
-                w, U = np.linalg.eigh(0.5 * (D + np.swapaxes(D, 1, 2)))
-            lam[:, i:j] = np.clip(w, 0.0, 1.0)
-            self.blocks.append((i, j, U))
-        self.lam = lam
+                D = np.stack([np.eye(3) - cones.dproj_pow(-v, param)
+                              for v in Vb])
+            w, U = np.linalg.eigh(0.5 * (D + np.swapaxes(D, 1, 2)))
+            self.generic.append((i, j, np.clip(w, 0.0, 1.0), U))
 
-    def rot_t(self, Z):
-        """R' Z for Z of shape (B, m) or (B, m, k)."""
-        out = Z.copy()
-        for i, j, U in self.blocks:
-            Ut = np.swapaxes(U, 1, 2)
-            if Z.ndim == 2:
-                out[:, i:j] = np.einsum("bij,bj->bi", Ut, Z[:, i:j])
-            else:
-                out[:, i:j] = Ut @ Z[:, i:j]
+    def apply_P(self, Z):
+        """P Z for Z (B, m)."""
+        out = np.empty_like(Z)
+        out[:, :self.zl] = self.lam_diag * Z[:, :self.zl]
+        for i, j, lam, U in self.generic:
+            Ut_z = np.einsum("bki,bk->bi", U, Z[:, i:j])
+            out[:, i:j] = np.einsum("bik,bk->bi", U, lam * Ut_z)
+        for blk in self.soc:
+            out[:, blk.i:blk.j] = blk.apply_P(Z[:, blk.i:blk.j])
         return out
-
-    def rot(self, Z):
-        """R Z for Z of shape (B, m)."""
-        out = Z.copy()
-        for i, j, U in self.blocks:
-            out[:, i:j] = np.einsum("bij,bj->bi", U, Z[:, i:j])
-        return out
-
-
-def _soc_eigen(V):
-    """Eigenvalues and eigenvectors of DPi_SOC at each row of V (B, k).
-
-    Inside the cone DPi = I, in its polar 0. Elsewhere, with v = (t, x),
-    r = ||x|| > |t| and u = x / r, (1, u) / sqrt 2 has eigenvalue 1,
-    (-1, u) / sqrt 2 eigenvalue 0, and every (0, w) with w orthogonal to u
-    eigenvalue (1 + t / r) / 2; a Householder reflection that maps the
-    first unit vector to +-u gives an orthonormal basis of those w.
-    """
-    B, k = V.shape
-    t, X = V[:, 0], V[:, 1:]
-    r = np.linalg.norm(X, axis=1)
-    inside = r <= t
-    polar = (r <= -t) & ~inside
-    general = ~(inside | polar)
-    lam = np.where(inside, 1.0, 0.0)[:, None] * np.ones((1, k))
-    U = np.broadcast_to(np.eye(k), (B, k, k)).copy()
-    if k == 1 or not general.any():
-        return lam, U
-    g = np.flatnonzero(general)
-    u = X[g] / r[g, None]
-    c = 1.0 / np.sqrt(2.0)
-    Ug = np.zeros((g.size, k, k))
-    Ug[:, 0, 0], Ug[:, 0, 1] = c, -c
-    Ug[:, 1:, 0] = c * u
-    Ug[:, 1:, 1] = c * u
-    if k > 2:
-        # Householder vector w = u + sign(u_1) e_1 (never near zero).
-        sign = np.where(u[:, 0] >= 0, 1.0, -1.0)
-        w = u.copy()
-        w[:, 0] += sign
-        H = -2.0 * w[:, :, None] * w[:, None, :] / (w * w).sum(1)[:, None,
-                                                                  None]
-        H[:, np.arange(k - 1), np.arange(k - 1)] += 1.0
-        Ug[:, 1:, 2:] = H[:, :, 1:]
-    U[g] = Ug
-    lg = np.empty((g.size, k))
-    lg[:, 0], lg[:, 1] = 1.0, 0.0
-    lg[:, 2:] = (0.5 * (1.0 + t[g] / r[g]))[:, None]
-    lam[g] = lg
-    return lam, U
 
 
 class System:
@@ -162,67 +166,129 @@ class System:
 
     Args:
         Ad: (B, m, n) dense A per element.
-        eig: the :class:`Eigen` of P at the points.
+        st: the :class:`Structure` of P at the points.
     """
 
-    def __init__(self, Ad, eig):
-        B, _, n = Ad.shape
-        lam = eig.lam
-        self.eig = eig
-        self.At = eig.rot_t(Ad)                       # A~ = R'A
-        hard = lam > 1.0 - HARD_GAP
-        self.soft = ~hard
-        one_minus = np.where(hard, 1.0, 1.0 - lam)
-        self.inv_gap = np.where(hard, 0.0, 1.0 / one_minus)
-        self.G = np.where(hard, 0.0, lam * self.inv_gap)
+    def __init__(self, Ad, st):
+        B, m, n = Ad.shape
+        self.Ad, self.st, self.n = Ad, st, n
+        zl = st.zl
+        nsoc = len(st.soc)
+        # Candidate hard directions: the m rows of R'A (R = I outside the
+        # generic blocks), then one e1 row per second-order cone.
+        cand = np.empty((B, m + nsoc, n))
+        cand[:, :m] = Ad
+        hard = np.zeros((B, m + nsoc), dtype=bool)
+        lam_c = np.ones((B, m + nsoc))
+        hard[:, :zl] = st.lam_diag > 0.5
+        K11 = np.zeros((B, n, n))
+        self.gen = []
+        for i, j, lam, U in st.generic:
+            At = np.swapaxes(U, 1, 2) @ Ad[:, i:j]
+            cand[:, i:j] = At
+            h = lam > 1.0 - HARD_GAP
+            hard[:, i:j] = h
+            lam_c[:, i:j] = lam
+            inv_gap = np.where(h, 0.0, 1.0 / np.where(h, 1.0, 1.0 - lam))
+            G = lam * inv_gap
+            K11 += np.swapaxes(At, 1, 2) @ (G[:, :, None] * At)
+            self.gen.append((At, h, inv_gap, G))
+        constant = B > 1 and not np.any(Ad[1:] != Ad[:1])
+        self.soc = []
+        for s, blk in enumerate(st.soc):
+            Ab = Ad[:, blk.i:blk.j]
+            Ax = Ab[:, 1:]
+            hard[:, blk.i:blk.j] = blk.inside[:, None]
+            cand[:, m + s] = blk.e1(Ab)
+            hard[:, m + s] = blk.general
+            # Middle directions: G = mu / (1 - mu) times the projector.
+            g = blk.mu / blk.gap
+            w = np.einsum("bkn,bk->bn", Ax, blk.u)
+            if constant:
+                AxAx = Ax[0].T @ Ax[0]
+            else:
+                AxAx = np.swapaxes(Ax, 1, 2) @ Ax
+            K11 += g[:, None, None] * (AxAx - w[:, :, None] * w[:, None, :])
+            self.soc.append((Ab, w, g))
         counts = hard.sum(axis=1)
         r = int(counts.max(initial=0))
-        # Hard directions first, in their original order.
         order = np.argsort(~hard, axis=1, kind="stable")[:, :r]
         valid = np.arange(r)[None, :] < counts[:, None]
-        self.order, self.valid, self.r = order, valid, r
-        Ah = np.take_along_axis(self.At, order[:, :, None], axis=1)
-        Ah *= valid[:, :, None]
-        lam_h = np.take_along_axis(lam, order, axis=1) * valid
-        self.Ah, self.lam_h = Ah, lam_h
+        self.hard, self.order, self.valid, self.r = hard, order, valid, r
+        bidx = np.arange(B)[:, None]
+        Ah = cand[bidx, order] * valid[:, :, None]
+        lam_h = lam_c[bidx, order] * valid
         K = np.empty((B, n + r, n + r))
-        # G is zero on the zero and nonnegative cones (lam is 0 or 1).
-        K[:, :n, :n] = 0.0
-        for i, j, _ in eig.blocks:
-            Ab = self.At[:, i:j]
-            K[:, :n, :n] += np.swapaxes(Ab, 1, 2) @ (self.G[:, i:j, None] * Ab)
+        K[:, :n, :n] = K11
         K[:, :n, n:] = np.swapaxes(Ah, 1, 2) * lam_h[:, None, :]
         K[:, n:, :n] = Ah
         K[:, n:, n:] = 0.0
         idx = np.arange(r)
         K[:, n + idx, n + idx] = -(1.0 - lam_h)
         self.K = K
-        self.n = n
 
-    def _hard(self, f):
-        return np.take_along_axis(f, self.order, axis=1) * self.valid
+    # -- helpers ---------------------------------------------------------
 
-    def _scatter_hard(self, vals, like):
-        out = np.zeros_like(like)
-        B = out.shape[0]
-        rows = np.repeat(np.arange(B), self.r)
-        cols = self.order.ravel()
-        keep = self.valid.ravel()
-        out[rows[keep], cols[keep]] = vals.ravel()[keep]
+    def _candidates(self, Z, rot):
+        """Candidate-direction values R'Z (B, m + nsoc); ``rot`` gives each
+        generic block's rotated values."""
+        st = self.st
+        out = np.empty((Z.shape[0], st.m + len(st.soc)))
+        out[:, :st.m] = Z
+        for (i, j, _, _), vals in zip(st.generic, rot):
+            out[:, i:j] = vals
+        for s, blk in enumerate(st.soc):
+            out[:, st.m + s] = blk.e1(Z[:, blk.i:blk.j])
         return out
+
+    def _gather(self, vals):
+        return np.take_along_axis(vals, self.order, axis=1) * self.valid
+
+    def _scatter(self, th, width):
+        out = np.zeros((th.shape[0], width))
+        B = th.shape[0]
+        rows = np.repeat(np.arange(B), self.r)
+        keep = self.valid.ravel()
+        out[rows[keep], self.order.ravel()[keep]] = th.ravel()[keep]
+        return out
+
+    def _rotations(self, Z):
+        return [np.einsum("bki,bk->bi", U, Z[:, i:j])
+                for i, j, _, U in self.st.generic]
+
+    # -- solves ----------------------------------------------------------
 
     def newton(self, F1, F2):
         """Solve J (dx, dv) = -(F1, F2); returns (dx, dv), NaN if singular."""
-        n = self.n
-        f = self.eig.rot_t(F2)
+        st, n = self.st, self.n
+        rot = self._rotations(F2)
+        rhs1 = -F1
+        for (At, _, _, G), f in zip(self.gen, rot):
+            rhs1 = rhs1 + np.einsum("bki,bk->bi", At, G * f)
+        for blk, (Ab, _, g) in zip(st.soc, self.soc):
+            pm = blk.mid(F2[:, blk.i:blk.j])
+            rhs1 = rhs1 + g[:, None] * np.einsum("bki,bk->bi", Ab, pm)
         rhs = np.concatenate(
-            [-F1 + np.einsum("bki,bk->bi", self.At, self.G * f),
-             self._hard(f)], axis=1)
+            [rhs1, self._gather(self._candidates(F2, rot))], axis=1)
         sol = _solve(self.K, rhs)
         dx, th = sol[:, :n], sol[:, n:]
-        t = (np.einsum("bki,bi->bk", self.At, dx) - f) * self.inv_gap
-        t = np.where(self.soft, t, self._scatter_hard(th, t))
-        return dx, self.eig.rot(t)
+        T = self._scatter(th, self.hard.shape[1])
+        q = np.einsum("bki,bi->bk", self.Ad, dx) - F2       # A dx - F2
+        dv = np.where(self.hard[:, :st.m], T[:, :st.m], q)
+        for (i, j, _, U), (At, h, inv_gap, _), f in zip(st.generic,
+                                                        self.gen, rot):
+            t = (np.einsum("bki,bi->bk", At, dx) - f) * inv_gap
+            t = np.where(h, T[:, i:j], t)
+            dv[:, i:j] = np.einsum("bik,bk->bi", U, t)
+        for s, blk in enumerate(st.soc):
+            qb = q[:, blk.i:blk.j]
+            general = (blk.vec(blk.e0(qb), 0)
+                       + blk.mid(qb) / blk.gap[:, None]
+                       + blk.vec(T[:, st.m + s], 1))
+            dv[:, blk.i:blk.j] = np.where(
+                blk.inside[:, None], T[:, blk.i:blk.j],
+                np.where(blk.general[:, None], general, qb))
+        return dx, dv
 
     def adjoint(self, g1, g2):
         """Solve J' (r1, r2) = (g1, g2); returns (r1, r2), NaN if singular.
@@ -232,17 +298,44 @@ class System:
         eliminated, q = (h - lam A~ r1) / (1 - lam); with p = -q_h on the
         hard ones, K' [r1; p] = [g1 + A~' (h / (1 - lam) on soft); h_h].
         """
-        n = self.n
-        h = self.eig.rot_t(g2)
+        st, n = self.st, self.n
+        rot = self._rotations(g2)
+        soft_diag = ~self.hard[:, :st.zl]
+        rhs1 = g1 + np.einsum("bki,bk->bi", self.Ad[:, :st.zl],
+                              g2[:, :st.zl] * soft_diag)
+        for (At, _, inv_gap, _), h in zip(self.gen, rot):
+            rhs1 = rhs1 + np.einsum("bki,bk->bi", At, h * inv_gap)
+        for blk, (Ab, _, _) in zip(st.soc, self.soc):
+            gb = g2[:, blk.i:blk.j]
+            # Polar: every direction soft with lam = 0; general: e0 (lam 0)
+            # and the middle (mu).
+            soft = (blk.vec(blk.e0(gb), 0)
+                    + blk.mid(gb) / blk.gap[:, None])
+            soft = np.where(blk.general[:, None], soft,
+                            np.where(blk.inside[:, None], 0.0, gb))
+            rhs1 = rhs1 + np.einsum("bki,bk->bi", Ab, soft)
         rhs = np.concatenate(
-            [g1 + np.einsum("bki,bk->bi", self.At, h * self.inv_gap),
-             self._hard(h)], axis=1)
+            [rhs1, self._gather(self._candidates(g2, rot))], axis=1)
         sol = _solve(np.swapaxes(self.K, 1, 2), rhs)
         r1, p = sol[:, :n], sol[:, n:]
-        Ar = np.einsum("bki,bi->bk", self.At, r1)
-        q = (h - self.eig.lam * Ar) * self.inv_gap
-        q = np.where(self.soft, q, self._scatter_hard(-p, q))
-        return r1, self.eig.rot(q)
+        P = -self._scatter(p, self.hard.shape[1])       # q on hard ones
+        Ar = np.einsum("bki,bi->bk", self.Ad, r1)
+        r2 = np.where(self.hard[:, :st.m], P[:, :st.m], g2)
+        for (i, j, lam, U), (At, h, inv_gap, _), hv in zip(
+                st.generic, self.gen, rot):
+            q = (hv - lam * np.einsum("bki,bi->bk", At, r1)) * inv_gap
+            q = np.where(h, P[:, i:j], q)
+            r2[:, i:j] = np.einsum("bik,bk->bi", U, q)
+        for s, blk in enumerate(st.soc):
+            gb, ab = g2[:, blk.i:blk.j], Ar[:, blk.i:blk.j]
+            general = (blk.vec(blk.e0(gb), 0)
+                       + blk.mid(gb - blk.mu[:, None] * ab)
+                       / blk.gap[:, None]
+                       + blk.vec(P[:, st.m + s], 1))
+            r2[:, blk.i:blk.j] = np.where(
+                blk.inside[:, None], P[:, blk.i:blk.j],
+                np.where(blk.general[:, None], general, gb))
+        return r1, r2
 
 
 def _solve(K, rhs):
@@ -259,18 +352,16 @@ def _solve(K, rhs):
         return out
 
 
-def apply_J(Ad, eig, dx, dv):
+def apply_J(Ad, st, dx, dv):
     """J (dx, dv) = (A' P dv, -A dx + (I - P) dv), for checks."""
-    Pdv = eig.rot(eig.lam * eig.rot_t(dv))
+    Pdv = st.apply_P(dv)
     top = np.einsum("bki,bk->bi", Ad, Pdv)
     bottom = -np.einsum("bki,bi->bk", Ad, dx) + dv - Pdv
     return top, bottom
 
 
-def apply_JT(Ad, eig, r1, r2):
+def apply_JT(Ad, st, r1, r2):
     """J' (r1, r2) = (-A' r2, P A r1 + (I - P) r2), for checks."""
     Ar1 = np.einsum("bki,bi->bk", Ad, r1)
     top = -np.einsum("bki,bk->bi", Ad, r2)
-    PAr = eig.rot(eig.lam * eig.rot_t(Ar1))
-    Pr2 = eig.rot(eig.lam * eig.rot_t(r2))
-    return top, PAr + r2 - Pr2
+    return top, st.apply_P(Ar1) + r2 - st.apply_P(r2)

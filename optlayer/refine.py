@@ -1,20 +1,22 @@
-"""Newton refinement of cone-program solutions on the residual map.
+"""Newton refinement of cone-program solutions.
 
-The solution of a cone program is a zero of the residual map of the
-homogeneous embedding (see ``optlayer.adjoint``),
+A solution of the cone program is a zero of
 
-    R(z) = (Q - I) Pi(z) + z,   z = (x, y - s, 1).
+    F(x, v) = (A'Pi(v) + c,  -A x + b - Pi(v) + v),   Pi = Pi_{K*},
 
-From a moderately accurate solver point, semismooth Newton steps on R
-converge quadratically once the active set is identified:
+with y = Pi(v) and s = y - v (see ``optlayer.reduced``). From a moderately
+accurate solver point, or from the solution of nearby parameters (warm
+starts), semismooth Newton steps on F converge quadratically once the
+active set is identified. Each step solves the reduced system of
+``optlayer.reduced`` (about n + number of active constraints unknowns);
+where that system is singular, the step is taken on the homogeneous
+residual map of ``optlayer.adjoint`` with its bordered matrix instead.
 
-    M dz = -R(z),   M = (Q - I) DPi(z) + I.
-
-``M`` is singular along z (R is positively homogeneous), so each step solves
-the bordered system [[M, Pi(z)], [z', 0]] (dz orthogonal to z) and then
-rescales z to a last entry of 1. A step is kept only where it reduces the
-residual, so refinement never makes a solution worse. The batch is
-processed with stacked dense arrays; this is for small programs.
+The iterate takes full steps even where one raises the residual (a step
+that changes the active set often does, once, before converging); each
+element's best point so far is what is returned, so refinement never makes
+a solution worse. The batch is processed with stacked dense arrays; this
+is for small programs.
 """
 
 import numpy as np
@@ -31,7 +33,6 @@ def residual(Av, rows, cols, Bv, C, X, Y, S):
     residual ||A'y + c|| and the duality gap |c'x + b'y|, each divided by
     1 + the size of the data it involves (infinity norms).
     """
-    B, n = X.shape
     Ax = np.zeros_like(Y)
     np.add.at(Ax.T, rows, (Av * X[:, cols]).T)
     ATy = np.zeros_like(X)
@@ -118,8 +119,8 @@ def _reduced_step(Ad, Bv, C, X, V, dims):
     Y = cones.project_batch(V, dims, dual=True)
     F1 = np.einsum("bki,bk->bi", Ad, Y) + C
     F2 = -np.einsum("bki,bi->bk", Ad, X) + Bv - (Y - V)
-    eig = _reduced.Eigen(V, dims)
-    dx, dv = _reduced.System(Ad, eig).newton(F1, F2)
+    st = _reduced.Structure(V, dims)
+    dx, dv = _reduced.System(Ad, st).newton(F1, F2)
     return X + dx, V + dv
 
 
