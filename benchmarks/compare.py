@@ -42,7 +42,10 @@ same problems. For each library:
   between its output and the reference over the whole batch.
 * **Settings.** optlayer runs through ``optlayer_torch.Layer`` with its
   default options (SCS at eps 1e-10, or, for programs small enough, SCS at
-  1e-6 and Newton refinement); cvxpylayers, when importable, through
+  1e-4 and Newton refinement) except ``warm_start=False``: every timed
+  call repeats the warm-up's inputs, which a warm start would answer from
+  the previous solution without solving; cold calls measure the solves.
+  cvxpylayers, when importable, runs through
   its PyTorch layer with its default options (the diffcp backend, whose SCS
   tolerances are looser). The speed-up column is cvxpylayers' total time
   over optlayer's; the accuracy ratio is cvxpylayers' error over optlayer's
@@ -256,7 +259,7 @@ def measure(layer, values, weight, repeats):
 
 def make_layers(builder, with_cvxpylayers):
     """One layer per library, each on its own fresh copy of the problem."""
-    layers = {"optlayer": optlayer_torch.Layer(*builder())}
+    layers = {"optlayer": optlayer_torch.Layer(*builder(), warm_start=False)}
     if with_cvxpylayers:
         problem, params, variables = builder()
         with warnings.catch_warnings():

@@ -7,6 +7,7 @@ the framework-agnostic NumPy core; ``optlayer_torch``, ``optlayer_jax`` and
 ``optlayer_tf`` wrap it for PyTorch, JAX and TensorFlow/Keras.
 """
 
+from optlayer import _malloc  # noqa: F401  (process-wide; see its doc)
 from optlayer.errors import SolverError
 from optlayer.layer import Layer
 

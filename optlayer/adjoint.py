@@ -39,10 +39,10 @@ from optlayer import reduced as _reduced
 
 # Below this size (N = n + m + 1) the adjoint system is solved with stacked
 # dense arrays; above it, by a sparse LU per element.
-DENSE_LIMIT = 250
+DENSE_LIMIT = 400
 # Newton refinement costs a dense N^3 solve per step and element; above
 # this size SCS alone (at tight tolerance) is cheaper.
-REFINE_LIMIT = 150
+REFINE_LIMIT = 400
 # Relative residual above which a solve is not trusted.
 RESIDUAL_TOL = 1e-7
 
