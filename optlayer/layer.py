@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import scipy.sparse as sp
+import threadpoolctl
 
 from optlayer import adjoint as _adjoint
 from optlayer import cones
@@ -298,7 +299,11 @@ class Layer:
             return [fn(i) for i in items]
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.n_jobs)
-        return list(self._pool.map(fn, items))
+        # The workers already use every core: BLAS threads inside them
+        # would only compete (OpenBLAS's thread count is process-wide, so
+        # it is limited around the whole map).
+        with _blas_single_thread():
+            return list(self._pool.map(fn, items))
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -562,6 +567,18 @@ class Layer:
                     g = g.sum(axis=0, keepdims=True)
                 grads.append(_unvec_f(g, shape, g.shape[0], True))
         return tuple(grads)
+
+
+_CONTROLLER = None
+
+
+def _blas_single_thread():
+    """A context limiting BLAS libraries to one thread each."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        # Created on first use, after the BLAS libraries are loaded.
+        _CONTROLLER = threadpoolctl.ThreadpoolController()
+    return _CONTROLLER.limit(limits=1, user_api="blas")
 
 
 def _vec_f(arr, batched):
