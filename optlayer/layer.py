@@ -25,6 +25,8 @@ _REFINE_ACCEPT = 1e-9
 # this many steps.
 _WARM_ACCEPT = 1e-11
 _WARM_STEPS = 10
+# SCS's tolerance for a second try at elements that did not refine.
+_RESOLVE_EPS = 1e-7
 # Memory for one chunk of the stacked dense adjoint.
 _DENSE_CHUNK_BYTES = 64 * 2**20
 
@@ -427,26 +429,34 @@ class Layer:
                      for k in range(4))
 
     def _refine(self, Av, Bv, C, X, Y, S, indices, batched, batch_size):
-        """Newton-polish the batch; re-solve tightly what does not refine."""
-        cp_ = self.compiled
+        """Newton-polish the batch; re-solve what does not refine.
+
+        An element whose Newton steps do not converge (typically SCS's
+        point did not yet show the active set) is solved again by SCS from
+        there at a medium tolerance and refined once more; what still fails
+        is solved at the tight tolerance, with the usual status checks.
+        """
         batch = X.shape[0]
         X, Y, S, res = self._refine_chunks(Av, Bv, C, X, Y, S)
         failed = np.flatnonzero(~(res <= _REFINE_ACCEPT))
         if failed.size:
             logger.info("refinement left %d of %d elements above %.0e; "
-                        "solving them again at tight tolerance",
+                        "solving them again from there",
                         failed.size, batch, _REFINE_ACCEPT)
-            # The user's settings, but SCS's own tolerances tight.
-            options = dict(self.solver_options)
-            for key in ("eps_abs", "eps_rel"):
-                options[key] = min(options[key],
-                                   _solve.DEFAULT_SOLVER_OPTIONS[key])
-            results = []
-            for i in failed:
-                A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
-                                      (cp_.m, cp_.n))
-                results.append(_solve.solve_one(
-                    A, Bv[i], C[i], self._cone, options, (X[i], Y[i], S[i])))
+            sub = self._resolve(Av, Bv, C, X, Y, S, failed, _RESOLVE_EPS)
+            if sub is not None:
+                Xf, Yf, Sf, resf = self._refine_chunks(
+                    Av[failed], Bv[failed], C[failed], *sub)
+                done = resf <= _REFINE_ACCEPT
+                ok = failed[done]
+                X[ok], Y[ok], S[ok] = Xf[done], Yf[done], Sf[done]
+                failed = failed[~done]
+        if failed.size:
+            logger.info("%d of %d elements solved again at tight tolerance",
+                        failed.size, batch)
+            results = self._resolve(Av, Bv, C, X, Y, S, failed,
+                                    _solve.DEFAULT_SOLVER_OPTIONS["eps_abs"],
+                                    raw=True)
             _solve.check_statuses([r[3] for r in results],
                                   [r[4] for r in results], batched,
                                   indices=np.asarray(indices)[failed],
@@ -454,6 +464,32 @@ class Layer:
             for i, r in zip(failed, results):
                 X[i], Y[i], S[i] = r[0], r[1], r[2]
         return X, Y, S
+
+    def _resolve(self, Av, Bv, C, X, Y, S, which, eps, raw=False):
+        """SCS from (X, Y, S) at tolerance ``eps`` for the elements
+        ``which``: the raw results if ``raw``, else stacked (X, Y, S), or
+        None if any of them failed (the tight pass then reports it)."""
+        cp_ = self.compiled
+        # The user's settings, but SCS's own tolerances at most eps.
+        options = dict(self.solver_options)
+        for key in ("eps_abs", "eps_rel"):
+            options[key] = min(options[key], eps)
+
+        def one(i):
+            A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
+                                  (cp_.m, cp_.n))
+            return _solve.solve_one(A, Bv[i], C[i], self._cone, options,
+                                    (X[i], Y[i], S[i]))
+
+        results = self._map(one, which)
+        if raw:
+            return results
+        if any(r[3] not in (_solve.SOLVED, _solve.SOLVED_INACCURATE)
+               for r in results):
+            return None
+        sizes = (cp_.n, cp_.m, cp_.m)
+        return tuple(np.stack([r[k] for r in results]).reshape(
+            len(results), size) for k, size in enumerate(sizes))
 
     def _recover(self, X, Y, w, batched):
         outputs = []

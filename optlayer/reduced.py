@@ -270,7 +270,7 @@ class System:
             rhs1 = rhs1 + g[:, None] * np.einsum("bki,bk->bi", Ab, pm)
         rhs = np.concatenate(
             [rhs1, self._gather(self._candidates(F2, rot))], axis=1)
-        sol = _solve(self.K, rhs)
+        sol = _solve_regularized(self.K, rhs, n)
         dx, th = sol[:, :n], sol[:, n:]
         T = self._scatter(th, self.hard.shape[1])
         q = np.einsum("bki,bi->bk", self.Ad, dx) - F2       # A dx - F2
@@ -350,6 +350,38 @@ def _solve(K, rhs):
             except np.linalg.LinAlgError:
                 pass
         return out
+
+
+# Relative residual above which a reduced solve is redone regularized.
+_SOLVE_TOL = 1e-9
+# Size of the regularization, relative to the largest entry of K.
+_REG = 1e-10
+
+
+def _solve_regularized(K, rhs, n):
+    """Stacked solve that also gives a step where K is singular.
+
+    Where K is (numerically) singular, e.g. a variable that only an
+    inactive constraint bounds, so that the solution is not unique, the
+    system is solved again with K + delta diag(I_n, -I): K's blocks are
+    positive semidefinite and negative semidefinite, so the regularized
+    matrix is quasi-definite and nonsingular, and its solution is close to
+    the least-norm one. Newton steps only need to reduce the residual,
+    which the caller checks.
+    """
+    sol = _solve(K, rhs)
+    scale = 1.0 + np.abs(rhs).max(axis=1)
+    res = np.abs(np.einsum("bij,bj->bi", K, np.nan_to_num(sol))
+                 - rhs).max(axis=1)
+    bad = ~(res <= _SOLVE_TOL * scale) | ~np.isfinite(sol).all(axis=1)
+    if np.any(bad):
+        Kb = K[bad].copy()
+        delta = _REG * (1.0 + np.abs(Kb).max(axis=(1, 2)))
+        N = K.shape[1]
+        sign = np.where(np.arange(N) < n, 1.0, -1.0)
+        Kb[:, np.arange(N), np.arange(N)] += delta[:, None] * sign
+        sol[bad] = _solve(Kb, rhs[bad])
+    return sol
 
 
 def apply_J(Ad, st, dx, dv):

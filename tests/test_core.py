@@ -717,3 +717,38 @@ def test_warm_start_ignores_other_batch_sizes():
     (got,) = layer(*values)
     (want,) = optlayer.Layer(*case.build(), warm_start=False)(*values)
     _assert_close(got, want, 1e-9, "output")
+
+
+def test_refinement_handles_non_unique_auxiliary_variables(monkeypatch):
+    # ||x|| <= 5 is inactive at the solution, so the epigraph variable that
+    # CVXPY introduces for it may take any value up to 5: the optimality
+    # conditions' Jacobian is singular. Newton steps then use the
+    # regularized reduced system and still converge; no element needs SCS
+    # a second time, and x (unique) matches CVXPY with SCS at 1e-12
+    # (Clarabel reports these as optimal_inaccurate, about 1e-7 off).
+    rng = _rng("non_unique")
+    x = cp.Variable(6)
+    c = cp.Parameter(6)
+    A = cp.Parameter((8, 6))
+    problem = cp.Problem(cp.Minimize(c @ x),
+                         [cp.norm(A @ x + 0.1, 2) <= 1, cp.norm(x, 2) <= 5])
+    layer = optlayer.Layer(problem, [c, A], [x], warm_start=False)
+    resolves = []
+    original = optlayer.Layer._resolve
+
+    def counting(self, *args, **kwargs):
+        resolves.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(optlayer.Layer, "_resolve", counting)
+    cs = rng.normal(size=(8, 6))
+    As = rng.normal(size=(8, 8, 6)) + 3 * np.eye(8, 6)
+    (got,) = layer(cs, As)
+    assert resolves == []
+    for k in range(8):
+        c.value, A.value = cs[k], As[k]
+        problem.solve(solver=cp.SCS, eps_abs=1e-12, eps_rel=1e-12,
+                      max_iters=200_000)
+        assert problem.status == cp.OPTIMAL
+        assert np.linalg.norm(x.value) < 4.5   # the second norm is inactive
+        _assert_close(got[k], x.value, 1e-9, f"element {k}")
