@@ -55,18 +55,19 @@ class Layer:
             the batch size is unchanged (default True). With refinement on,
             Newton steps from there usually solve every element without
             SCS (in a training loop parameters move little between calls);
-            an element they do not solve to a relative KKT residual of 1e-9
-            goes to SCS as usual, so results agree with a cold start to
-            about 1e-12. Without refinement, SCS itself is warm-started.
+            an element they do not solve to a relative KKT residual of
+            1e-11 goes to SCS as usual, so results agree with a cold start
+            to about 1e-12. Without refinement, SCS itself is warm-started.
         presolve: eliminate variables pinned by an equality to an affine
             function of the parameters before solving (see
             ``optlayer.presolve``); the results are the same either way.
         refine: polish each solution by Newton steps on the cone program's
             residual map (``optlayer.refine``) to a relative KKT residual of
             about 1e-12, for programs small enough for dense linear
-            algebra. SCS then only needs to reach 1e-6 (the default
-            eps_abs/eps_rel in this mode); an element that does not refine
-            is solved again by SCS at 1e-10.
+            algebra (n + m + 1 <= 400). SCS then only needs to reach 1e-4
+            (the default eps_abs/eps_rel in this mode); an element that does
+            not refine is solved again by SCS from there at 1e-7 and
+            refined, and if that fails too, solved at 1e-10.
 
     Inputs and batching: each value has the parameter's shape (unbatched,
     shared by the whole batch) or one more leading dimension (batched). All
