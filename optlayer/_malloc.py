@@ -34,8 +34,8 @@ _TOP_PAD = 16 * _MB
 
 def tune():
     """Apply the settings once; return True if they were applied."""
-    if os.environ.get("OPTLAYER_MALLOC_TUNING", "1").strip() in ("0", "no",
-                                                                  "false"):
+    setting = os.environ.get("OPTLAYER_MALLOC_TUNING", "1").strip().lower()
+    if setting in ("0", "no", "false", "off"):
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

@@ -327,21 +327,23 @@ class Layer:
         Y = np.zeros((batch, cp_.m))
         S = np.zeros((batch, cp_.m))
         todo = np.arange(batch)
+        warm = None
         if warm_start is not None:
-            warm = [np.asarray(w, dtype=np.float64).reshape(shape)
-                    for w, shape in zip(warm_start, self.state_shapes(batch))]
+            warm = self._check_state(warm_start, batch)
             if self.refine:
                 # Newton steps from the previous solution often reach full
-                # accuracy without the solver; only the rest go to SCS.
+                # accuracy without the solver; only the rest go to SCS,
+                # from scratch: a point that Newton steps could not use
+                # (say, the solution of very different parameters) can
+                # also keep SCS from converging.
                 Xr, Yr, Sr, res = self._refine_chunks(Av, Bv, C, *warm,
                                                       max_steps=_WARM_STEPS)
                 done = res <= _WARM_ACCEPT
                 X[done], Y[done], S[done] = Xr[done], Yr[done], Sr[done]
                 todo = np.flatnonzero(~done)
+                warm = None
                 logger.debug("warm-started refinement solved %d of %d",
                              batch - todo.size, batch)
-        else:
-            warm = None
 
         def warm_for(i):
             if warm is None:
@@ -373,6 +375,16 @@ class Layer:
         # Known limit: for tiny programs each SCS call (about 1 ms, mostly
         # iterations) bounds the forward pass; cold starts are not batched.
         results = self._map(one, todo)
+        if warm is not None:
+            # SCS warm-started from the previous call: what it does not
+            # solve is solved again from scratch.
+            again = [k for k, r in enumerate(results)
+                     if r[3] != _solve.SOLVED]
+            if again:
+                warm = None
+                redo = self._map(one, todo[again])
+                for k, r in zip(again, redo):
+                    results[k] = r
         X[todo] = np.stack([r[0] for r in results]).reshape(-1, cp_.n)
         Y[todo] = np.stack([r[1] for r in results]).reshape(-1, cp_.m)
         S[todo] = np.stack([r[2] for r in results]).reshape(-1, cp_.m)
@@ -386,6 +398,27 @@ class Layer:
                                       todo, batched, batch)
             X[todo], Y[todo], S[todo] = Xr, Yr, Sr
         return X, Y, S
+
+    def _check_state(self, state, batch):
+        """The arrays of a ``state`` for this batch size, or ValueError."""
+        names = ("x", "y", "s")
+        if not isinstance(state, (list, tuple)) or len(state) != 3:
+            raise ValueError(
+                "warm_start must be the state (x, y, s) returned by "
+                "solve(); got "
+                f"{type(state).__name__} of length {len(state)}."
+                if isinstance(state, (list, tuple)) else
+                "warm_start must be the state (x, y, s) returned by "
+                f"solve(); got {type(state).__name__}.")
+        arrays = []
+        for name, w, shape in zip(names, state, self.state_shapes(batch)):
+            w = np.asarray(w, dtype=np.float64)
+            if w.size != int(np.prod(shape)):
+                raise ValueError(
+                    f"warm_start {name} has shape {w.shape}; expected "
+                    f"{shape} for this call's batch size {batch}.")
+            arrays.append(w.reshape(shape))
+        return arrays
 
     def _extrapolate(self, Av, Bv, C, prev, last):
         """The better, per element, of the last solution and its linear

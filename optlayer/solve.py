@@ -97,12 +97,16 @@ def check_statuses(status_vals, statuses, batched, indices=None,
     failed = indices[(status_vals != SOLVED)
                      & (status_vals != SOLVED_INACCURATE)]
     if failed.size:
-        listing = ", ".join(f"{i}: {statuses[i]}" for i in failed[:20])
-        more = "" if failed.size <= 20 else f" (and {failed.size - 20} more)"
-        where = (f"{failed.size} of {batch_size} batch elements"
-                 if batched else "the problem")
+        if batched:
+            listing = ", ".join(f"{i}: {statuses[i]}" for i in failed[:20])
+            more = ("" if failed.size <= 20
+                    else f" (and {failed.size - 20} more)")
+            what = (f"{failed.size} of {batch_size} batch elements "
+                    f"(element: status) {listing}{more}")
+        else:
+            what = f"the problem: {statuses[failed[0]]}"
         raise SolverError(
-            f"The solver failed on {where}; element: status = {listing}{more}. "
+            f"The solver failed on {what}. "
             "Check that the parameter values give a feasible, bounded "
             "problem; for 'solved_inaccurate' or iteration limits, raise "
             "max_iters or loosen eps_abs/eps_rel in solver_options.",

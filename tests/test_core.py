@@ -752,3 +752,81 @@ def test_refinement_handles_non_unique_auxiliary_variables(monkeypatch):
         assert problem.status == cp.OPTIMAL
         assert np.linalg.norm(x.value) < 4.5   # the second norm is inactive
         _assert_close(got[k], x.value, 1e-9, f"element {k}")
+
+
+def test_warm_start_after_a_boundary_call_matches_cold():
+    # Maximize entropy with x0 <= p: at p = 0 the bound sits on the
+    # exponential cone's boundary (its multiplier is infinite). The next
+    # call, p = 1e-6, must not be led astray by that solution: Newton steps
+    # from it are rejected, and SCS then starts from scratch.
+    x = cp.Variable(4)
+    p = cp.Parameter(nonneg=True)
+    bound = x[0] <= p
+    problem = cp.Problem(cp.Maximize(cp.sum(cp.entr(x))),
+                         [cp.sum(x) == 1, bound])
+    outputs = [x, bound.dual_variables[0]]
+    warm = optlayer.Layer(problem, [p], outputs)
+    cold = optlayer.Layer(problem, [p], outputs, warm_start=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # p = 0 itself is degenerate
+        warm(0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xw, dw = warm(1e-6)
+        xc, dc = cold(1e-6)
+    # x = (p, (1 - p)/3, ...), multiplier log((1 - p) / (3 p)).
+    exact_dual = np.log((1 - 1e-6) / 3e-6)
+    assert abs(xw[0] - 1e-6) < 1e-12 and abs(xc[0] - 1e-6) < 1e-12
+    assert abs(dw - exact_dual) < 1e-6 * exact_dual
+    assert abs(dc - exact_dual) < 1e-6 * exact_dual
+
+
+def test_explicit_warm_start_of_the_wrong_size_is_named():
+    case = get_case("qp")
+    layer = optlayer.Layer(*case.build())
+    rng = _rng("warm_size_error")
+    _, state = layer.solve(*make_inputs(case, rng, 2))
+    with pytest.raises(ValueError, match=r"warm_start x has shape \(2, 6\); "
+                       r"expected \(3, 6\) for this call's batch size 3"):
+        layer.solve(*make_inputs(case, rng, 3), warm_start=state)
+
+
+def test_warm_started_scs_that_fails_is_solved_again_cold(monkeypatch):
+    # Without refinement SCS itself is warm-started from the previous call;
+    # an element it does not solve from there is solved from scratch, with
+    # no warning and the cold answer.
+    import optlayer.solve
+
+    case = get_case("socp")
+    rng = _rng("warm_scs_retry")
+    first, second = make_inputs(case, rng, 3), make_inputs(case, rng, 3)
+    layer = optlayer.Layer(*case.build(), refine=False)
+    layer(*first)
+    original_one = optlayer.solve.solve_one
+    original_ws = optlayer.solve.Workspace.solve
+    warm_calls = []
+
+    def failing_when_warm(result, warm):
+        if warm is None:
+            return result
+        warm_calls.append(1)
+        return (*result[:3], optlayer.solve.SOLVED_INACCURATE,
+                "solved_inaccurate")
+
+    monkeypatch.setattr(
+        optlayer.solve, "solve_one",
+        lambda A, b, c, cone, options, warm=None: failing_when_warm(
+            original_one(A, b, c, cone, options, warm), warm))
+    monkeypatch.setattr(
+        optlayer.solve.Workspace, "solve",
+        lambda self, b, c, warm=None: failing_when_warm(
+            original_ws(self, b, c, warm), warm))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = layer(*second)
+    assert len(warm_calls) == 3
+    monkeypatch.undo()
+    want = optlayer.Layer(*case.build(), refine=False,
+                          warm_start=False)(*second)
+    for g, w in zip(got, want):
+        _assert_close(g, w, 1e-8, "output")
