@@ -11,6 +11,7 @@ import threadpoolctl
 
 from optlayer import adjoint as _adjoint
 from optlayer import cones
+from optlayer import reduced as _reduced
 from optlayer import refine as _refine
 from optlayer import solve as _solve
 from optlayer.compile import compile_problem
@@ -433,9 +434,13 @@ class Layer:
         Ye = cones.project_batch(Ve, dims, dual=True)
         Se = Ye - Ve
 
+        cp_ = self.compiled
+        Ad = (_reduced.dense_A(Av, rows, cols, cp_.m, cp_.n)
+              if cp_.m and cp_.n else None)
+
         def res(X, Y, S):
             return np.maximum(
-                _refine.residual(Av, rows, cols, Bv, C, X, Y, S),
+                _refine.residual(Av, rows, cols, Bv, C, X, Y, S, Ad),
                 _refine._cone_residual(Y, S, dims))
 
         better = res(Xe, Ye, Se) < res(*last)
