@@ -59,6 +59,9 @@ class Layer:
             an element they do not solve to a relative KKT residual of
             1e-11 goes to SCS as usual, so results agree with a cold start
             to about 1e-12. Without refinement, SCS itself is warm-started.
+            Where the solution is not unique, any optimal point may be
+            returned (with or without warm starts), and which one can
+            depend on earlier calls; so can its gradient.
         presolve: eliminate variables pinned by an equality to an affine
             function of the parameters before solving (see
             ``optlayer.presolve``); the results are the same either way.
