@@ -384,14 +384,6 @@ def _solve_regularized(K, rhs, n):
     return sol
 
 
-def apply_J(Ad, st, dx, dv):
-    """J (dx, dv) = (A' P dv, -A dx + (I - P) dv), for checks."""
-    Pdv = st.apply_P(dv)
-    top = np.einsum("bki,bk->bi", Ad, Pdv)
-    bottom = -np.einsum("bki,bi->bk", Ad, dx) + dv - Pdv
-    return top, bottom
-
-
 def apply_JT(Ad, st, r1, r2):
     """J' (r1, r2) = (-A' r2, P A r1 + (I - P) r2), for checks."""
     Ar1 = np.einsum("bki,bi->bk", Ad, r1)

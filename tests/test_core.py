@@ -830,3 +830,36 @@ def test_warm_started_scs_that_fails_is_solved_again_cold(monkeypatch):
                           warm_start=False)(*second)
     for g, w in zip(got, want):
         _assert_close(g, w, 1e-8, "output")
+
+
+@pytest.mark.parametrize("name", ["qp", "socp", "sdp", "entropy"])
+def test_refinement_falls_back_to_bordered_steps(name, monkeypatch):
+    # Where the reduced system gives no step (NaN: e.g. a second-order cone
+    # point without strict complementarity), refinement takes the Newton
+    # step of the bordered homogeneous system; with only that, it still
+    # polishes SCS's point and the results equal the default path's.
+    import optlayer.refine
+
+    case = get_case(name)
+    rng = _rng("bordered_steps", name)
+    values = make_inputs(case, rng, 3)
+    want = optlayer.Layer(*case.build(), warm_start=False)(*values)
+    calls = []
+    original = optlayer.refine._bordered_step
+
+    def no_reduced_step(Ad, Bv, C, X, V, dims):
+        return np.full_like(X, np.nan), np.full_like(V, np.nan)
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(optlayer.refine, "_reduced_step", no_reduced_step)
+    monkeypatch.setattr(optlayer.refine, "_bordered_step", counting)
+    layer = optlayer.Layer(*case.build(), warm_start=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = layer(*values)
+    assert calls
+    for g, w in zip(got, want):
+        _assert_close(g, w, 1e-8, "output")
