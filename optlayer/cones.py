@@ -901,6 +901,20 @@ def _blocks(dims):
         i += 3
 
 
+@functools.lru_cache(maxsize=32)
+def _soc_runs(dims):
+    """(size, start, count) for each run of consecutive equal-size SOCs."""
+    runs = []
+    i = dims.zero + dims.nonneg
+    for k in dims.soc:
+        if runs and runs[-1][0] == k and runs[-1][1] + k * runs[-1][2] == i:
+            runs[-1][2] += 1
+        else:
+            runs.append([k, i, 1])
+        i += k
+    return tuple(tuple(r) for r in runs)
+
+
 def _proj_block(kind, v, param):
     if kind == "soc":
         return proj_soc(v)
@@ -1010,11 +1024,17 @@ def project_batch(V, dims: ConeDims, dual: bool = False) -> np.ndarray:
     z, l = dims.zero, dims.nonneg
     P[:, :z] = V[:, :z] if dual else 0.0
     P[:, z:z + l] = np.maximum(V[:, z:z + l], 0.0)
+    B = V.shape[0]
+    # Consecutive second-order cones of one size are projected together.
+    for k, i, count in _soc_runs(dims):
+        j = i + k * count
+        P[:, i:j] = _proj_soc_stack(V[:, i:j].reshape(B * count, k)).reshape(
+            B, k * count)
     for kind, i, j, param in _blocks(dims):
         Vb = V[:, i:j]
         if kind == "soc":
-            P[:, i:j] = _proj_soc_stack(Vb)
-        elif kind == "psd":
+            continue
+        if kind == "psd":
             w, U = np.linalg.eigh(smat(Vb))
             P[:, i:j] = svec((U * np.maximum(w, 0.0)[:, None, :]) @
                              np.swapaxes(U, -1, -2))
