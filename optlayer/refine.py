@@ -42,13 +42,18 @@ def residual(Av, rows, cols, Bv, C, X, Y, S, Ad=None):
         np.add.at(Ax.T, rows, (Av * X[:, cols]).T)
         ATy = np.zeros_like(X)
         np.add.at(ATy.T, cols, (Av * Y[:, rows]).T)
+    return _relative(ATy + C, Bv - Ax - S, Bv, C, X, Y)
+
+
+def _relative(F1, F2, Bv, C, X, Y):
+    """The relative KKT residual from F1 = A'y + c and F2 = b - Ax - s."""
     scale_b = 1.0 + np.abs(Bv).max(axis=1, initial=0.0)
     scale_c = 1.0 + np.abs(C).max(axis=1, initial=0.0)
-    primal = np.abs(Ax + S - Bv).max(axis=1, initial=0.0) / scale_b
-    dual = np.abs(ATy + C).max(axis=1, initial=0.0) / scale_c
-    gap = np.abs(np.einsum("bi,bi->b", C, X) + np.einsum("bi,bi->b", Bv, Y))
-    gap = gap / (1.0 + np.abs(np.einsum("bi,bi->b", C, X))
-                 + np.abs(np.einsum("bi,bi->b", Bv, Y)))
+    primal = np.abs(F2).max(axis=1, initial=0.0) / scale_b
+    dual = np.abs(F1).max(axis=1, initial=0.0) / scale_c
+    cx = np.einsum("bi,bi->b", C, X)
+    by = np.einsum("bi,bi->b", Bv, Y)
+    gap = np.abs(cx + by) / (1.0 + np.abs(cx) + np.abs(by))
     return np.maximum(np.maximum(primal, dual), gap)
 
 
@@ -84,6 +89,11 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6):
     # active set often raises it once, then converges); (X, Y, S, res)
     # keep each element's best point.
     Xc, Vc = X.copy(), Y - S
+    if Ad is not None:
+        # F at the iterate, carried from step to step.
+        Yc = cones.project_batch(Vc, dims, dual=True)
+        F1c = np.einsum("bki,bk->bi", Ad, Yc) + C
+        F2c = Bv - np.einsum("bki,bi->bk", Ad, Xc) - (Yc - Vc)
     alive = np.ones(X.shape[0], dtype=bool)
     for _ in range(max_steps):
         a = np.flatnonzero((res > tol) & alive)
@@ -93,7 +103,8 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6):
         Ad_a = None if Ad is None else (Ad if a.size == Ad.shape[0]
                                         else Ad[a])
         if Ad is not None:
-            Xn, Vn = _reduced_step(Ad_a, Bv[a], C[a], Xc[a], Vc[a], dims)
+            Xn, Vn = _reduced_step(Ad_a, Bv[a], C[a], Xc[a], Vc[a], dims,
+                                   (F1c[a], F2c[a]))
             ok = np.isfinite(Xn).all(axis=1) & np.isfinite(Vn).all(axis=1)
         else:
             ok = np.zeros(a.size, dtype=bool)
@@ -109,13 +120,19 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6):
         alive[a[~ok]] = False
         a, Xn, Vn = a[ok], Xn[ok], Vn[ok]
         Xc[a], Vc[a] = Xn, Vn
+        # y = Pi_{K*}(v) and s = y - v = Pi_K(-v) (Moreau) lie in their
+        # cones by construction: only the KKT residual is checked.
         Yn = cones.project_batch(Vn, dims, dual=True)
         Sn = Yn - Vn
-        if Ad_a is not None and not ok.all():
-            Ad_a = Ad_a[ok]
-        new_res = np.maximum(
-            residual(Av[a], rows, cols, Bv[a], C[a], Xn, Yn, Sn, Ad_a),
-            _cone_residual(Yn, Sn, dims))
+        if Ad_a is None:
+            new_res = residual(Av[a], rows, cols, Bv[a], C[a], Xn, Yn, Sn)
+        else:
+            if not ok.all():
+                Ad_a = Ad_a[ok]
+            F1n = np.einsum("bki,bk->bi", Ad_a, Yn) + C[a]
+            F2n = Bv[a] - np.einsum("bki,bi->bk", Ad_a, Xn) - Sn
+            F1c[a], F2c[a] = F1n, F2n
+            new_res = _relative(F1n, F2n, Bv[a], C[a], Xn, Yn)
         better = new_res < res[a]
         keep = a[better]
         X[keep], Y[keep], S[keep] = Xn[better], Yn[better], Sn[better]
@@ -123,11 +140,18 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6):
     return X, Y, S, res
 
 
-def _reduced_step(Ad, Bv, C, X, V, dims):
-    """One Newton step on F(x, v) = 0 by the reduced system."""
-    Y = cones.project_batch(V, dims, dual=True)
-    F1 = np.einsum("bki,bk->bi", Ad, Y) + C
-    F2 = -np.einsum("bki,bi->bk", Ad, X) + Bv - (Y - V)
+def _reduced_step(Ad, Bv, C, X, V, dims, F=None):
+    """One Newton step on F(x, v) = 0 by the reduced system.
+
+    ``F``, the pair (F1, F2) at (X, V) if the caller has it, saves its
+    evaluation.
+    """
+    if F is None:
+        Y = cones.project_batch(V, dims, dual=True)
+        F1 = np.einsum("bki,bk->bi", Ad, Y) + C
+        F2 = -np.einsum("bki,bi->bk", Ad, X) + Bv - (Y - V)
+    else:
+        F1, F2 = F
     st = _reduced.Structure(V, dims)
     dx, dv = _reduced.System(Ad, st).newton(F1, F2)
     return X + dx, V + dv
