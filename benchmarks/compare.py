@@ -2,7 +2,7 @@
 
 Run ``python -m benchmarks.compare`` (all workloads, batches 1, 16, 128,
 3 repeats) or ``python -m benchmarks.compare --quick`` (the same batches,
-one repeat; about two and a half minutes on two cores).
+one repeat; one to two minutes on two cores).
 
 After the table comes the cost per batch element: for every workload and
 library measured at two batch sizes or more, the least-squares line
