@@ -127,6 +127,19 @@ def reference_curve(init, X, Y, steps=25, lr=1e-2, beta1=0.9, beta2=0.999,
     return losses
 
 
+def train_result(losses, forward_time, backward_time, wall_time,
+                 max_output_error, max_grad_error):
+    """The dict every framework's ``train`` returns (see ``run_worker``)."""
+    return {
+        "losses": losses,
+        "forward_time": forward_time,
+        "backward_time": backward_time,
+        "wall_time": wall_time,
+        "max_output_error": max_output_error,
+        "max_grad_error": max_grad_error,
+    }
+
+
 def installed_frameworks():
     """The frameworks whose packages can be imported here."""
     return [fw for fw in FRAMEWORKS

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from benchmarks.relu import relu_problem
+from benchmarks.relu import relu_problem, train_result
 
 FRAMEWORKS = ("torch", "jax")
 _NAMES = ("W1", "b1", "W2", "b2", "W3", "b3")
@@ -74,18 +74,6 @@ def train(init, X, Y, *, framework="torch", steps=25, lr=1e-2, n_jobs=None,
         return _train_jax(init, X, Y, steps, lr, solver_args, log)
     raise ValueError(f"unknown framework {framework!r}; choose from "
                      f"{', '.join(FRAMEWORKS)}")
-
-
-def _result(losses, forward_time, backward_time, wall_time, max_output_error,
-            max_grad_error):
-    return {
-        "losses": losses,
-        "forward_time": forward_time,
-        "backward_time": backward_time,
-        "wall_time": wall_time,
-        "max_output_error": max_output_error,
-        "max_grad_error": max_grad_error,
-    }
 
 
 # ----------------------------------------------------------------------------
@@ -181,7 +169,7 @@ def _train_torch(init, X, Y, steps, lr, solver_args, log):
         check_time += time.perf_counter() - tick
         optimizer.step()
     wall_time = time.perf_counter() - start - check_time
-    return _result(losses, forward_time, backward_time, wall_time,
+    return train_result(losses, forward_time, backward_time, wall_time,
                    max_output_error, max_grad_error)
 
 
@@ -189,36 +177,10 @@ def _train_torch(init, X, Y, steps, lr, solver_args, log):
 # JAX
 # ----------------------------------------------------------------------------
 
-def _x64():
-    """A context in which JAX uses float64, whatever the caller's setting."""
-    import jax
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64  # older JAX releases
-    return enable_x64()
-
-
-def _adam_update(params, grads, moments, step, lr, beta1=0.9, beta2=0.999,
-                 eps=1e-8):
-    """One bias-corrected Adam step, as in ``benchmarks/relu_jax.py``."""
-    import jax
-    import jax.numpy as jnp
-
-    m, v = moments
-    m = jax.tree_util.tree_map(lambda m, g: beta1 * m + (1 - beta1) * g,
-                               m, grads)
-    v = jax.tree_util.tree_map(lambda v, g: beta2 * v + (1 - beta2) * g * g,
-                               v, grads)
-    m_scale = 1.0 / (1.0 - beta1 ** step)
-    v_scale = 1.0 / (1.0 - beta2 ** step)
-    params = jax.tree_util.tree_map(
-        lambda p, m, v: p - lr * (m * m_scale) / (jnp.sqrt(v * v_scale) + eps),
-        params, m, v)
-    return params, (m, v)
-
-
 def _train_jax(init, X, Y, steps, lr, solver_args, log):
-    with _x64():
+    from benchmarks.jax_tools import x64
+
+    with x64():
         return _train_jax_x64(init, X, Y, steps, lr, solver_args, log)
 
 
@@ -226,6 +188,8 @@ def _train_jax_x64(init, X, Y, steps, lr, solver_args, log):
     import jax
     import jax.numpy as jnp
     from cvxpylayers.jax import CvxpyLayer
+
+    from benchmarks.jax_tools import adam_update
 
     params = {k: jnp.asarray(np.asarray(init[k], dtype=np.float64))
               for k in _NAMES}
@@ -263,7 +227,7 @@ def _train_jax_x64(init, X, Y, steps, lr, solver_args, log):
 
     solved_loss = network([solved_relu(layer) for layer in layers])
     closed_loss = network([closed_relu, closed_relu])
-    update = jax.jit(_adam_update)
+    update = jax.jit(adam_update)
     closed_grad = jax.jit(jax.grad(lambda p: closed_loss(p)[0]))
 
     def output_error(params, pairs):
@@ -307,5 +271,5 @@ def _train_jax_x64(init, X, Y, steps, lr, solver_args, log):
                                  jnp.asarray(k + 1.0), lr)
     jax.block_until_ready(params)
     wall_time = time.perf_counter() - start - check_time
-    return _result(losses, forward_time, backward_time, wall_time,
+    return train_result(losses, forward_time, backward_time, wall_time,
                    max_output_error, max_grad_error)

@@ -20,7 +20,8 @@ import numpy as np
 
 import optlayer_jax
 from benchmarks import relu as relu_driver
-from benchmarks.relu import relu_problem
+from benchmarks.jax_tools import adam_update, x64
+from benchmarks.relu import relu_problem, train_result
 
 _NAMES = ("W1", "b1", "W2", "b2", "W3", "b3")
 
@@ -51,31 +52,6 @@ def _network(relus):
     return loss_fn
 
 
-def _adam_update(params, grads, moments, step, lr, beta1=0.9, beta2=0.999,
-                 eps=1e-8):
-    """One Adam step (bias-corrected first and second moments)."""
-    m, v = moments
-    m = jax.tree_util.tree_map(lambda m, g: beta1 * m + (1 - beta1) * g,
-                               m, grads)
-    v = jax.tree_util.tree_map(lambda v, g: beta2 * v + (1 - beta2) * g * g,
-                               v, grads)
-    # step counts from 1; the corrections undo the zero initialization.
-    m_scale = 1.0 / (1.0 - beta1 ** step)
-    v_scale = 1.0 / (1.0 - beta2 ** step)
-    params = jax.tree_util.tree_map(
-        lambda p, m, v: p - lr * (m * m_scale) / (jnp.sqrt(v * v_scale) + eps),
-        params, m, v)
-    return params, (m, v)
-
-
-def _x64():
-    """A context in which JAX uses float64, whatever the caller's setting."""
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64  # older JAX releases
-    return enable_x64()
-
-
 def train(init, X, Y, *, steps=25, lr=1e-2, closed_form=False,
           solver_options=None, n_jobs=None, log=print):
     """Train the seed's network with Adam; see ``benchmarks/relu.py``.
@@ -97,7 +73,7 @@ def train(init, X, Y, *, steps=25, lr=1e-2, closed_form=False,
         "backward_time", "wall_time" (seconds), "max_output_error" and
         "max_grad_error" (both 0.0 when ``closed_form``).
     """
-    with _x64():
+    with x64():
         return _train(init, X, Y, steps, lr, closed_form, solver_options,
                       n_jobs, log)
 
@@ -121,7 +97,7 @@ def _train(init, X, Y, steps, lr, closed_form, solver_options, n_jobs, log):
     forward = jax.jit(lambda p: jax.vjp(lambda p: loss_fn(p, X, Y), p,
                                         has_aux=True))
     backward = jax.jit(lambda pullback: pullback(jnp.ones(()))[0])
-    update = jax.jit(_adam_update)
+    update = jax.jit(adam_update)
     closed_grad = jax.jit(jax.grad(lambda p: closed_loss(p, X, Y)[0]))
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -164,14 +140,9 @@ def _train(init, X, Y, steps, lr, closed_form, solver_options, n_jobs, log):
                                  jnp.asarray(k + 1.0), lr)
     jax.block_until_ready(params)
     wall_time = time.perf_counter() - start - check_time
-    return {
-        "losses": losses,
-        "forward_time": forward_time,
-        "backward_time": backward_time,
-        "wall_time": wall_time,
-        "max_output_error": max_output_error,
-        "max_grad_error": max_grad_error,
-    }
+    return train_result(losses, forward_time, backward_time,
+                                    wall_time, max_output_error,
+                                    max_grad_error)
 
 
 def main(argv=None):

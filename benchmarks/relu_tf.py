@@ -26,7 +26,7 @@ import tensorflow as tf  # noqa: E402
 
 import optlayer_tf  # noqa: E402
 from benchmarks import relu  # noqa: E402
-from benchmarks.relu import relu_problem  # noqa: E402
+from benchmarks.relu import relu_problem, train_result  # noqa: E402
 
 
 class ReluLayer(keras.layers.Layer):
@@ -244,14 +244,9 @@ def train(init, X, Y, *, steps=25, lr=1e-2, closed_form=False,
         losses.append(float(loss))
         log(f"step {k:3d}  loss {losses[-1]:.12f}")
     wall_time = time.perf_counter() - start - check_time
-    return {
-        "losses": losses,
-        "forward_time": forward_time,
-        "backward_time": backward_time,
-        "wall_time": wall_time,
-        "max_output_error": max_output_error,
-        "max_grad_error": max_grad_error,
-    }
+    return train_result(losses, forward_time, backward_time,
+                                    wall_time, max_output_error,
+                                    max_grad_error)
 
 
 def fit_demo(init, X, Y, *, epochs=5, lr=1e-2, solver_options=None,

@@ -21,7 +21,7 @@ import torch
 
 import optlayer_torch
 from benchmarks import relu
-from benchmarks.relu import relu_problem
+from benchmarks.relu import relu_problem, train_result
 
 
 class ReluLayer(torch.nn.Module):
@@ -172,14 +172,9 @@ def train(init, X, Y, *, steps=25, lr=1e-2, closed_form=False,
         optimizer.step()
     wall_time = time.perf_counter() - start - check_time
 
-    return {
-        "losses": losses,
-        "forward_time": forward_time,
-        "backward_time": backward_time,
-        "wall_time": wall_time,
-        "max_output_error": max_output_error,
-        "max_grad_error": max_grad_error,
-    }
+    return train_result(losses, forward_time, backward_time,
+                                    wall_time, max_output_error,
+                                    max_grad_error)
 
 
 def main(argv=None):

@@ -165,17 +165,7 @@ def _dual_jacobian_stack(V, dims):
     )
     blocks = []
     for kind, i, j, param in cones._blocks(dims):
-        Vb = V[:, i:j]
-        if kind == "soc":
-            D = cones._dproj_soc_stack(Vb)
-        elif kind == "psd":
-            D = cones._dproj_psd_stack(Vb)
-        elif kind == "exp":
-            D = np.stack([np.eye(3) - cones.dproj_exp(-v) for v in Vb])
-        else:
-            D = np.stack([np.eye(3) - cones.dproj_pow(-v, param)
-                          for v in Vb])
-        blocks.append((i, j, D))
+        blocks.append((i, j, cones.dproj_dual_stack(kind, V[:, i:j], param)))
     return diag, blocks
 
 
@@ -258,18 +248,8 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims):
 
 
 def adjoint_bordered(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims):
-    """The adjoint from the bordered residual-map system, stacked dense.
-
-    Args:
-        Av: (B, nnz) values of A at positions (rows, cols).
-        Bv, C: (B, m) and (B, n) data.
-        X, Y, S: (B, n), (B, m), (B, m) solutions.
-        GX, GY, GS: cotangents shaped like X, Y, S.
-        dims: the cone.
-
-    Returns:
-        (dA (B, nnz), db (B, m), dc (B, n)).
-    """
+    """The adjoint from the bordered residual-map system, stacked dense;
+    arguments and result as for :func:`adjoint_dense`."""
     B, n = X.shape
     m = Y.shape[1]
     N = n + m + 1

@@ -915,6 +915,20 @@ def _soc_runs(dims):
     return tuple(tuple(r) for r in runs)
 
 
+def dproj_dual_stack(kind, V, param=None):
+    """DPi_{K*} of one non-orthant cone block at each row of V (B, k).
+
+    Returns (B, k, k). The exponential and power cones are not self-dual;
+    by Moreau, Pi_{K*}(v) = v + Pi_K(-v), so DPi_{K*}(v) = I - DPi_K(-v).
+    """
+    if kind == "soc":
+        return _dproj_soc_stack(V)
+    if kind == "psd":
+        return _dproj_psd_stack(V)
+    k = V.shape[1]
+    return np.stack([np.eye(k) - _dproj_block(kind, -v, param) for v in V])
+
+
 def _proj_block(kind, v, param):
     if kind == "soc":
         return proj_soc(v)

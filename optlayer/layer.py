@@ -410,10 +410,6 @@ class Layer:
         if not isinstance(state, (list, tuple)) or len(state) != 3:
             raise ValueError(
                 "warm_start must be the state (x, y, s) returned by "
-                "solve(); got "
-                f"{type(state).__name__} of length {len(state)}."
-                if isinstance(state, (list, tuple)) else
-                "warm_start must be the state (x, y, s) returned by "
                 f"solve(); got {type(state).__name__}.")
         arrays = []
         for name, w, shape in zip(names, state, self.state_shapes(batch)):

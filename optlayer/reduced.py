@@ -139,13 +139,7 @@ class Structure:
             if kind == "soc":
                 self.soc.append(_Soc(i, j, Vb))
                 continue
-            if kind == "psd":
-                D = cones._dproj_psd_stack(Vb)
-            elif kind == "exp":
-                D = np.stack([np.eye(3) - cones.dproj_exp(-v) for v in Vb])
-            else:
-                D = np.stack([np.eye(3) - cones.dproj_pow(-v, param)
-                              for v in Vb])
+            D = cones.dproj_dual_stack(kind, Vb, param)
             w, U = np.linalg.eigh(0.5 * (D + np.swapaxes(D, 1, 2)))
             self.generic.append((i, j, np.clip(w, 0.0, 1.0), U))
 

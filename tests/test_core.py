@@ -671,6 +671,10 @@ def test_warm_start_matches_cold_start(case):
     first = make_inputs(case, rng, 4)
     other = make_inputs(case, rng, 4)
     warm(*first)
+    # Both are polished to relative KKT residuals below 1e-11, which bounds
+    # the outputs' difference by about 1e-11 times the conditioning of
+    # these small programs: 1e-9. Gradients pass through one more linear
+    # solve (conditioning up to about 1e2 on the degenerate LP cases): 1e-7.
     for values in (_interpolate(first, other, 0.01), other, first):
         got = warm(*values)
         want = cold(*values)
@@ -701,6 +705,8 @@ def test_warm_start_skips_the_solver_for_nearby_values(name, monkeypatch):
     nearby = _interpolate(first, make_inputs(case, rng, 8), 1e-3)
     outputs = layer(*nearby)
     assert calls == []
+    # Accepted warm answers have KKT residuals below 1e-11: 1e-9 leaves
+    # the programs' conditioning room, as for the zoo comparison above.
     cold = optlayer.Layer(*case.build(), warm_start=False,
                           **case.layer_kwargs)
     monkeypatch.undo()
@@ -716,7 +722,7 @@ def test_warm_start_ignores_other_batch_sizes():
     values = make_inputs(case, rng, 3)
     (got,) = layer(*values)
     (want,) = optlayer.Layer(*case.build(), warm_start=False)(*values)
-    _assert_close(got, want, 1e-9, "output")
+    _assert_close(got, want, 1e-9, "output")   # both refined, as above
 
 
 def test_refinement_handles_non_unique_auxiliary_variables(monkeypatch):
@@ -751,6 +757,7 @@ def test_refinement_handles_non_unique_auxiliary_variables(monkeypatch):
                       max_iters=200_000)
         assert problem.status == cp.OPTIMAL
         assert np.linalg.norm(x.value) < 4.5   # the second norm is inactive
+        # Both reach KKT residuals near 1e-12; they agree to ~1e-13.
         _assert_close(got[k], x.value, 1e-9, f"element {k}")
 
 
@@ -828,6 +835,8 @@ def test_warm_started_scs_that_fails_is_solved_again_cold(monkeypatch):
     monkeypatch.undo()
     want = optlayer.Layer(*case.build(), refine=False,
                           warm_start=False)(*second)
+    # Two SCS runs at eps 1e-10 from the same (cold) start: the retried
+    # answer is the cold one up to SCS's tolerance times the conditioning.
     for g, w in zip(got, want):
         _assert_close(g, w, 1e-8, "output")
 
@@ -861,5 +870,7 @@ def test_refinement_falls_back_to_bordered_steps(name, monkeypatch):
         warnings.simplefilter("error")
         got = layer(*values)
     assert calls
+    # Both paths stop at a relative KKT residual of 1e-12 (or accept 1e-9
+    # after six steps); 1e-8 covers the latter times the conditioning.
     for g, w in zip(got, want):
         _assert_close(g, w, 1e-8, "output")
