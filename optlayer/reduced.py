@@ -163,9 +163,11 @@ class System:
         st: the :class:`Structure` of P at the points.
     """
 
-    def __init__(self, Ad, st):
+    def __init__(self, Ad, st, constant=None):
         B, m, n = Ad.shape
         self.Ad, self.st, self.n = Ad, st, n
+        if constant is None:
+            constant = B > 1 and not np.any(Ad[1:] != Ad[:1])
         zl = st.zl
         nsoc = len(st.soc)
         # Candidate hard directions: the m rows of R'A (R = I outside the
@@ -187,7 +189,6 @@ class System:
             G = lam * inv_gap
             K11 += np.swapaxes(At, 1, 2) @ (G[:, :, None] * At)
             self.gen.append((At, h, inv_gap, G))
-        constant = B > 1 and not np.any(Ad[1:] != Ad[:1])
         self.soc = []
         for s, blk in enumerate(st.soc):
             Ab = Ad[:, blk.i:blk.j]
@@ -204,22 +205,90 @@ class System:
                 AxAx = np.swapaxes(Ax, 1, 2) @ Ax
             K11 += g[:, None, None] * (AxAx - w[:, :, None] * w[:, None, :])
             self.soc.append((Ab, w, g))
-        counts = hard.sum(axis=1)
+        self.hard = hard
+        self._pin(Ad, constant)
+        rest = hard.copy()
+        rest[:, :zl] &= ~self.pin_row
+        counts = rest.sum(axis=1)
         r = int(counts.max(initial=0))
-        order = np.argsort(~hard, axis=1, kind="stable")[:, :r]
+        order = np.argsort(~rest, axis=1, kind="stable")[:, :r]
         valid = np.arange(r)[None, :] < counts[:, None]
-        self.hard, self.order, self.valid, self.r = hard, order, valid, r
+        self.order, self.valid, self.r = order, valid, r
         bidx = np.arange(B)[:, None]
         Ah = cand[bidx, order] * valid[:, :, None]
         lam_h = lam_c[bidx, order] * valid
+        self.K11, self.Ah, self.lam_h = K11, Ah, lam_h
         K = np.empty((B, n + r, n + r))
-        K[:, :n, :n] = K11
+        if self.any_pin:
+            # Pinned columns leave the system: identity rows and columns.
+            p = self.pinned
+            K[:, :n, :n] = np.where(p[:, :, None] | p[:, None, :], 0.0, K11)
+            idx = np.arange(n)
+            K[:, idx, idx] += p
+            Ah = Ah * ~p[:, None, :]
+        else:
+            K[:, :n, :n] = K11
         K[:, :n, n:] = np.swapaxes(Ah, 1, 2) * lam_h[:, None, :]
         K[:, n:, :n] = Ah
         K[:, n:, n:] = 0.0
         idx = np.arange(r)
         K[:, n + idx, n + idx] = -(1.0 - lam_h)
         self.K = K
+
+    def _pin(self, Ad, constant):
+        """Find the hard rows of the zero and nonnegative cones with one
+        nonzero (bounds such as x_j >= 0, or x_j = const). Such a row k,
+        a_k x_j, fixes dx_j (and r1_j in the adjoint) directly; its
+        multiplier follows from row j of the first block once the rest is
+        solved. Its column and the row leave K, which shrinks to n + (other
+        hard directions). A column with two such rows keeps both as
+        ordinary hard rows."""
+        B, m, n = Ad.shape
+        zl = self.st.zl
+        hard = self.hard[:, :zl]
+        self.pin_row = np.zeros((B, zl), dtype=bool)
+        self.any_pin = False
+        if not (zl and n):
+            return
+        nz = (Ad[:1] if constant else Ad)[:, :zl] != 0
+        single = hard & (nz.sum(axis=2) == 1)
+        b, k = np.nonzero(single)
+        if b.size == 0:
+            return
+        col = nz.argmax(axis=2)
+        j = col[0, k] if constant else col[b, k]
+        count = np.bincount(b * n + j, minlength=B * n)
+        once = count[b * n + j] == 1
+        b, k, j = b[once], k[once], j[once]
+        if b.size == 0:
+            return
+        self.any_pin = True
+        self.pin_row[b, k] = True
+        self.pinned = np.zeros((B, n), dtype=bool)
+        self.pinned[b, j] = True
+        self.pin_k = np.zeros((B, n), dtype=np.int64)
+        self.pin_k[b, j] = k
+        self.pin_coef = np.ones((B, n))
+        self.pin_coef[b, j] = Ad[b, k, j]
+        self._pin_bj = (b, j, k)
+
+    def _pinned_values(self, vals):
+        """vals at each pinned column's row over its coefficient; 0 on the
+        other columns."""
+        B = vals.shape[0]
+        picked = vals[np.arange(B)[:, None], self.pin_k]
+        return np.where(self.pinned, picked / self.pin_coef, 0.0)
+
+    def _pinned_multipliers(self, rhs1, x, th, lam):
+        """The multipliers of the pinning rows: from row j of the first
+        block, (K11 x)_j + sum_h Ah[h, j] w_h t_h + a_k t_k = rhs1_j, with
+        w = lam (Newton) or 1 (adjoint)."""
+        full = np.einsum("bij,bj->bi", self.K11, x)
+        if self.r:
+            coef = th * lam if lam is not None else th
+            full += np.einsum("bri,br->bi", self.Ah, coef)
+        b, j, k = self._pin_bj
+        return b, k, (rhs1[b, j] - full[b, j]) / self.pin_coef[b, j]
 
     # -- helpers ---------------------------------------------------------
 
@@ -262,11 +331,22 @@ class System:
         for blk, (Ab, _, g) in zip(st.soc, self.soc):
             pm = blk.mid(F2[:, blk.i:blk.j])
             rhs1 = rhs1 + g[:, None] * np.einsum("bki,bk->bi", Ab, pm)
-        rhs = np.concatenate(
-            [rhs1, self._gather(self._candidates(F2, rot))], axis=1)
-        sol = _solve_regularized(self.K, rhs, n)
+        rhs2 = self._gather(self._candidates(F2, rot))
+        full1 = rhs1
+        if self.any_pin:
+            # Pinned dx_j = f_k / a_k (lam_k = 1: A_k dx = f_k).
+            u = self._pinned_values(F2)
+            rhs1 = np.where(self.pinned, u,
+                            rhs1 - np.einsum("bij,bj->bi", self.K11, u))
+            if self.r:
+                rhs2 = rhs2 - np.einsum("bri,bi->br", self.Ah, u)
+        sol = _solve_regularized(self.K, np.concatenate([rhs1, rhs2], axis=1),
+                                 n)
         dx, th = sol[:, :n], sol[:, n:]
         T = self._scatter(th, self.hard.shape[1])
+        if self.any_pin:
+            b, k, t = self._pinned_multipliers(full1, dx, th, self.lam_h)
+            T[b, k] = t
         q = np.einsum("bki,bi->bk", self.Ad, dx) - F2       # A dx - F2
         dv = np.where(self.hard[:, :st.m], T[:, :st.m], q)
         for (i, j, _, U), (At, h, inv_gap, _), f in zip(st.generic,
@@ -308,11 +388,22 @@ class System:
             soft = np.where(blk.general[:, None], soft,
                             np.where(blk.inside[:, None], 0.0, gb))
             rhs1 = rhs1 + np.einsum("bki,bk->bi", Ab, soft)
-        rhs = np.concatenate(
-            [rhs1, self._gather(self._candidates(g2, rot))], axis=1)
-        sol = _solve(np.swapaxes(self.K, 1, 2), rhs)
+        rhs2 = self._gather(self._candidates(g2, rot))
+        full1 = rhs1
+        if self.any_pin:
+            # Pinned r1_j = h_k / a_k (lam_k = 1: A_k r1 = h_k).
+            u = self._pinned_values(g2)
+            rhs1 = np.where(self.pinned, u,
+                            rhs1 - np.einsum("bij,bj->bi", self.K11, u))
+            if self.r:
+                rhs2 = rhs2 - self.lam_h * np.einsum("bri,bi->br", self.Ah, u)
+        sol = _solve(np.swapaxes(self.K, 1, 2),
+                     np.concatenate([rhs1, rhs2], axis=1))
         r1, p = sol[:, :n], sol[:, n:]
         P = -self._scatter(p, self.hard.shape[1])       # q on hard ones
+        if self.any_pin:
+            b, k, t = self._pinned_multipliers(full1, r1, p, None)
+            P[b, k] = -t
         Ar = np.einsum("bki,bi->bk", self.Ad, r1)
         r2 = np.where(self.hard[:, :st.m], P[:, :st.m], g2)
         for (i, j, lam, U), (At, h, inv_gap, _), hv in zip(
