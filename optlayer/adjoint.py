@@ -228,8 +228,9 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims):
     r1 = np.full((B, n), np.nan)
     r2 = np.full((B, m), np.nan)
     if n and m:
-        r1, r2 = _reduced.System(Ad, st).adjoint(GX, g2)
-        t1, t2 = _reduced.apply_JT(Ad, st, r1, r2)
+        shared = _reduced.is_shared(Av)
+        r1, r2 = _reduced.System(Ad, st, shared).adjoint(GX, g2)
+        t1, t2 = _reduced.apply_JT(Ad, st, r1, r2, shared)
         res = np.sqrt(((t1 - GX) ** 2).sum(1) + ((t2 - g2) ** 2).sum(1))
         scale = np.sqrt((GX ** 2).sum(1) + (g2 ** 2).sum(1))
         bad = ~(res <= RESIDUAL_TOL * scale)

@@ -30,6 +30,9 @@ _WARM_STEPS = 10
 _RESOLVE_EPS = 1e-7
 # Memory for one chunk of the stacked dense adjoint.
 _DENSE_CHUNK_BYTES = 64 * 2**20
+# Programs with m n at least this size refine and differentiate on all
+# threads, smaller ones on the calling thread (see Layer._dense_jobs).
+_THREADED_DENSE_SIZE = 4000
 
 
 class Layer:
@@ -244,7 +247,7 @@ class Layer:
         if N <= _adjoint.DENSE_LIMIT:
             # Stacked dense solves, in chunks of bounded memory.
             step = max(1, int(_DENSE_CHUNK_BYTES // (8 * (N + 1) ** 2)))
-            step = min(step, -(-batch // self.n_jobs))
+            step = min(step, -(-batch // self._dense_jobs()))
             rows, cols = cp_.A_indices, self._A_cols
 
             def chunk(lo):
@@ -299,6 +302,19 @@ class Layer:
             contrib = vals_e * (self._to_cols @ w.T).T
             Bv = Bv - (self._to_rows @ contrib.T).T
         return Av, Bv, C, w, vals_e
+
+    def _dense_jobs(self):
+        """Threads for the stacked dense work (refinement, adjoint).
+
+        Its many small NumPy operations hold the GIL between them: for
+        small programs two threads were slower than one (the seed's ReLU
+        layer, m n = 882: refinement 13 ms vs 18 ms per 300 elements; a
+        4-cone SOCP, m n = 462: 5 ms vs 10 ms per 128), for larger ones
+        faster (an LP, m n = 10,000: 37 ms vs 20 ms; NNLS, 7,752: 20 ms vs
+        16 ms per 128). SCS runs on all threads in any case.
+        """
+        cp_ = self.compiled
+        return self.n_jobs if cp_.m * cp_.n >= _THREADED_DENSE_SIZE else 1
 
     def _map(self, fn, items):
         items = list(items)
@@ -438,9 +454,11 @@ class Layer:
         Ad = (_reduced.dense_A(Av, rows, cols, cp_.m, cp_.n)
               if cp_.m and cp_.n else None)
 
+        shared = _reduced.is_shared(Av)
+
         def res(X, Y, S):
             return np.maximum(
-                _refine.residual(Av, rows, cols, Bv, C, X, Y, S, Ad),
+                _refine.residual(Av, rows, cols, Bv, C, X, Y, S, Ad, shared),
                 _refine._cone_residual(Y, S, dims))
 
         better = res(Xe, Ye, Se) < res(*last)
@@ -455,7 +473,7 @@ class Layer:
         rows, cols = cp_.A_indices, self._A_cols
         N = cp_.n + cp_.m + 1
         step = max(1, int(_DENSE_CHUNK_BYTES // (8 * 3 * (N + 1) ** 2)))
-        step = min(step, -(-batch // self.n_jobs))
+        step = min(step, -(-batch // self._dense_jobs()))
 
         def chunk(lo):
             sl = slice(lo, lo + step)

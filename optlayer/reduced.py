@@ -64,6 +64,26 @@ def dense_A(Av, rows, cols, m, n):
     return Ad
 
 
+def is_shared(Av):
+    """True when every element of the stack has the same A (values Av)."""
+    return Av.shape[0] > 1 and not np.any(Av[1:] != Av[:1])
+
+
+def matvec(Ad, X, shared=False):
+    """A x for each element; ``shared``: all elements have Ad[0] (one
+    matrix product instead of a stack of them)."""
+    if shared:
+        return X @ Ad[0].T
+    return np.einsum("bki,bi->bk", Ad, X)
+
+
+def rmatvec(Ad, Y, shared=False):
+    """A'y for each element; ``shared`` as for :func:`matvec`."""
+    if shared:
+        return Y @ Ad[0]
+    return np.einsum("bki,bk->bi", Ad, Y)
+
+
 class _Soc:
     """One second-order cone block of a stack of points."""
 
@@ -161,19 +181,21 @@ class System:
     Args:
         Ad: (B, m, n) dense A per element.
         st: the :class:`Structure` of P at the points.
+        shared: True if every element has the same A (None: find out).
     """
 
-    def __init__(self, Ad, st, constant=None):
+    def __init__(self, Ad, st, shared=None):
         B, m, n = Ad.shape
         self.Ad, self.st, self.n = Ad, st, n
-        if constant is None:
-            constant = B > 1 and not np.any(Ad[1:] != Ad[:1])
+        if shared is None:
+            shared = B > 1 and not np.any(Ad[1:] != Ad[:1])
+        self.shared = shared
         zl = st.zl
         nsoc = len(st.soc)
         # Candidate hard directions: the m rows of R'A (R = I outside the
-        # generic blocks), then one e1 row per second-order cone.
-        cand = np.empty((B, m + nsoc, n))
-        cand[:, :m] = Ad
+        # generic blocks), then one e1 row per second-order cone; rows
+        # that differ from A's are kept in ``extra``.
+        extra = {}
         hard = np.zeros((B, m + nsoc), dtype=bool)
         lam_c = np.ones((B, m + nsoc))
         hard[:, :zl] = st.lam_diag > 0.5
@@ -181,7 +203,7 @@ class System:
         self.gen = []
         for i, j, lam, U in st.generic:
             At = np.swapaxes(U, 1, 2) @ Ad[:, i:j]
-            cand[:, i:j] = At
+            extra[i] = At
             h = lam > 1.0 - HARD_GAP
             hard[:, i:j] = h
             lam_c[:, i:j] = lam
@@ -194,19 +216,23 @@ class System:
             Ab = Ad[:, blk.i:blk.j]
             Ax = Ab[:, 1:]
             hard[:, blk.i:blk.j] = blk.inside[:, None]
-            cand[:, m + s] = blk.e1(Ab)
             hard[:, m + s] = blk.general
             # Middle directions: G = mu / (1 - mu) times the projector.
             g = blk.mu / blk.gap
-            w = np.einsum("bkn,bk->bn", Ax, blk.u)
-            if constant:
+            if shared:
+                w = blk.u @ Ax[0]
                 AxAx = Ax[0].T @ Ax[0]
             else:
+                w = np.einsum("bkn,bk->bn", Ax, blk.u)
                 AxAx = np.swapaxes(Ax, 1, 2) @ Ax
-            K11 += g[:, None, None] * (AxAx - w[:, :, None] * w[:, None, :])
+            # e1'A = (A_t + u'A_x) / sqrt 2.
+            extra[m + s] = (_C * (Ab[:, 0] + w))[:, None, :]
+            K11 += g[:, None, None] * AxAx
+            gw = g[:, None] * w
+            K11 -= gw[:, :, None] * w[:, None, :]
             self.soc.append((Ab, w, g))
         self.hard = hard
-        self._pin(Ad, constant)
+        self._pin(Ad, shared)
         rest = hard.copy()
         rest[:, :zl] &= ~self.pin_row
         counts = rest.sum(axis=1)
@@ -215,25 +241,47 @@ class System:
         valid = np.arange(r)[None, :] < counts[:, None]
         self.order, self.valid, self.r = order, valid, r
         bidx = np.arange(B)[:, None]
-        Ah = cand[bidx, order] * valid[:, :, None]
+        Ah = self._hard_rows(Ad, extra, order, valid)
         lam_h = lam_c[bidx, order] * valid
         self.K11, self.Ah, self.lam_h = K11, Ah, lam_h
         K = np.empty((B, n + r, n + r))
+        K[:, :n, :n] = K11
         if self.any_pin:
             # Pinned columns leave the system: identity rows and columns.
-            p = self.pinned
-            K[:, :n, :n] = np.where(p[:, :, None] | p[:, None, :], 0.0, K11)
-            idx = np.arange(n)
-            K[:, idx, idx] += p
-            Ah = Ah * ~p[:, None, :]
-        else:
-            K[:, :n, :n] = K11
+            b, j, _ = self._pin_bj
+            K[b, j, :n] = 0.0
+            K[b, :n, j] = 0.0
+            K[b, j, j] = 1.0
+            Ah = Ah * ~self.pinned[:, None, :]
         K[:, :n, n:] = np.swapaxes(Ah, 1, 2) * lam_h[:, None, :]
         K[:, n:, :n] = Ah
         K[:, n:, n:] = 0.0
         idx = np.arange(r)
         K[:, n + idx, n + idx] = -(1.0 - lam_h)
         self.K = K
+
+    def _hard_rows(self, Ad, extra, order, valid):
+        """The (B, r, n) candidate rows ``order`` (0 where not valid): rows
+        of A, or of ``extra`` (start index -> (B, k, n) rows)."""
+        B, m, n = Ad.shape
+        r = order.shape[1]
+        bidx = np.arange(B)[:, None]
+        if r == 0:
+            return np.zeros((B, 0, n))
+        from_A = np.minimum(order, m - 1) if m else order
+        if self.shared:
+            Ah = Ad[0][from_A]
+        else:
+            Ah = Ad[bidx, from_A]
+        for start, rows in extra.items():
+            k = rows.shape[1]
+            inside = (order >= start) & (order < start + k)
+            if np.any(inside):
+                b, t = np.nonzero(inside)
+                src = rows if rows.shape[0] == B else np.broadcast_to(
+                    rows, (B,) + rows.shape[1:])
+                Ah[b, t] = src[b, order[b, t] - start]
+        return Ah * valid[:, :, None]
 
     def _pin(self, Ad, constant):
         """Find the hard rows of the zero and nonnegative cones with one
@@ -330,7 +378,7 @@ class System:
             rhs1 = rhs1 + np.einsum("bki,bk->bi", At, G * f)
         for blk, (Ab, _, g) in zip(st.soc, self.soc):
             pm = blk.mid(F2[:, blk.i:blk.j])
-            rhs1 = rhs1 + g[:, None] * np.einsum("bki,bk->bi", Ab, pm)
+            rhs1 = rhs1 + g[:, None] * rmatvec(Ab, pm, self.shared)
         rhs2 = self._gather(self._candidates(F2, rot))
         full1 = rhs1
         if self.any_pin:
@@ -347,7 +395,7 @@ class System:
         if self.any_pin:
             b, k, t = self._pinned_multipliers(full1, dx, th, self.lam_h)
             T[b, k] = t
-        q = np.einsum("bki,bi->bk", self.Ad, dx) - F2       # A dx - F2
+        q = matvec(self.Ad, dx, self.shared) - F2       # A dx - F2
         dv = np.where(self.hard[:, :st.m], T[:, :st.m], q)
         for (i, j, _, U), (At, h, inv_gap, _), f in zip(st.generic,
                                                         self.gen, rot):
@@ -375,8 +423,8 @@ class System:
         st, n = self.st, self.n
         rot = self._rotations(g2)
         soft_diag = ~self.hard[:, :st.zl]
-        rhs1 = g1 + np.einsum("bki,bk->bi", self.Ad[:, :st.zl],
-                              g2[:, :st.zl] * soft_diag)
+        rhs1 = g1 + rmatvec(self.Ad[:, :st.zl], g2[:, :st.zl] * soft_diag,
+                            self.shared)
         for (At, _, inv_gap, _), h in zip(self.gen, rot):
             rhs1 = rhs1 + np.einsum("bki,bk->bi", At, h * inv_gap)
         for blk, (Ab, _, _) in zip(st.soc, self.soc):
@@ -387,7 +435,7 @@ class System:
                     + blk.mid(gb) / blk.gap[:, None])
             soft = np.where(blk.general[:, None], soft,
                             np.where(blk.inside[:, None], 0.0, gb))
-            rhs1 = rhs1 + np.einsum("bki,bk->bi", Ab, soft)
+            rhs1 = rhs1 + rmatvec(Ab, soft, self.shared)
         rhs2 = self._gather(self._candidates(g2, rot))
         full1 = rhs1
         if self.any_pin:
@@ -404,7 +452,7 @@ class System:
         if self.any_pin:
             b, k, t = self._pinned_multipliers(full1, r1, p, None)
             P[b, k] = -t
-        Ar = np.einsum("bki,bi->bk", self.Ad, r1)
+        Ar = matvec(self.Ad, r1, self.shared)
         r2 = np.where(self.hard[:, :st.m], P[:, :st.m], g2)
         for (i, j, lam, U), (At, h, inv_gap, _), hv in zip(
                 st.generic, self.gen, rot):
@@ -469,8 +517,8 @@ def _solve_regularized(K, rhs, n):
     return sol
 
 
-def apply_JT(Ad, st, r1, r2):
+def apply_JT(Ad, st, r1, r2, shared=False):
     """J' (r1, r2) = (-A' r2, P A r1 + (I - P) r2), for checks."""
-    Ar1 = np.einsum("bki,bi->bk", Ad, r1)
-    top = -np.einsum("bki,bk->bi", Ad, r2)
+    Ar1 = matvec(Ad, r1, shared)
+    top = -rmatvec(Ad, r2, shared)
     return top, st.apply_P(Ar1) + r2 - st.apply_P(r2)

@@ -26,17 +26,18 @@ from optlayer import cones
 from optlayer import reduced as _reduced
 
 
-def residual(Av, rows, cols, Bv, C, X, Y, S, Ad=None):
+def residual(Av, rows, cols, Bv, C, X, Y, S, Ad=None, shared=False):
     """The KKT residuals of each element, relative to the data's scale.
 
     Returns the largest of the primal residual ||Ax + s - b||, the dual
     residual ||A'y + c|| and the duality gap |c'x + b'y|, each divided by
     1 + the size of the data it involves (infinity norms). ``Ad``, the
-    (B, m, n) dense A if the caller has it, makes the products cheaper.
+    (B, m, n) dense A if the caller has it, makes the products cheaper
+    (``shared``: it is the same for every element).
     """
     if Ad is not None:
-        Ax = np.einsum("bki,bi->bk", Ad, X)
-        ATy = np.einsum("bki,bk->bi", Ad, Y)
+        Ax = _reduced.matvec(Ad, X, shared)
+        ATy = _reduced.rmatvec(Ad, Y, shared)
     else:
         Ax = np.zeros_like(Y)
         np.add.at(Ax.T, rows, (Av * X[:, cols]).T)
@@ -82,7 +83,8 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6):
     X, Y, S = X.copy(), Y.copy(), S.copy()
     n, m = X.shape[1], Y.shape[1]
     Ad = _reduced.dense_A(Av, rows, cols, m, n) if n and m else None
-    res = np.maximum(residual(Av, rows, cols, Bv, C, X, Y, S, Ad),
+    shared = _reduced.is_shared(Av)
+    res = np.maximum(residual(Av, rows, cols, Bv, C, X, Y, S, Ad, shared),
                      _cone_residual(Y, S, dims))
     # The iterate (Xc, Vc) moves by full Newton steps even where a step
     # does not lower the residual (a semismooth step that changes the
@@ -92,8 +94,8 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6):
     if Ad is not None:
         # F at the iterate, carried from step to step.
         Yc = cones.project_batch(Vc, dims, dual=True)
-        F1c = np.einsum("bki,bk->bi", Ad, Yc) + C
-        F2c = Bv - np.einsum("bki,bi->bk", Ad, Xc) - (Yc - Vc)
+        F1c = _reduced.rmatvec(Ad, Yc, shared) + C
+        F2c = Bv - _reduced.matvec(Ad, Xc, shared) - (Yc - Vc)
     alive = np.ones(X.shape[0], dtype=bool)
     for _ in range(max_steps):
         a = np.flatnonzero((res > tol) & alive)
@@ -104,7 +106,7 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6):
                                         else Ad[a])
         if Ad is not None:
             Xn, Vn = _reduced_step(Ad_a, Bv[a], C[a], Xc[a], Vc[a], dims,
-                                   (F1c[a], F2c[a]))
+                                   (F1c[a], F2c[a]), shared)
             ok = np.isfinite(Xn).all(axis=1) & np.isfinite(Vn).all(axis=1)
         else:
             ok = np.zeros(a.size, dtype=bool)
@@ -129,8 +131,8 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6):
         else:
             if not ok.all():
                 Ad_a = Ad_a[ok]
-            F1n = np.einsum("bki,bk->bi", Ad_a, Yn) + C[a]
-            F2n = Bv[a] - np.einsum("bki,bi->bk", Ad_a, Xn) - Sn
+            F1n = _reduced.rmatvec(Ad_a, Yn, shared) + C[a]
+            F2n = Bv[a] - _reduced.matvec(Ad_a, Xn, shared) - Sn
             F1c[a], F2c[a] = F1n, F2n
             new_res = _relative(F1n, F2n, Bv[a], C[a], Xn, Yn)
         better = new_res < res[a]
@@ -140,20 +142,20 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6):
     return X, Y, S, res
 
 
-def _reduced_step(Ad, Bv, C, X, V, dims, F=None):
+def _reduced_step(Ad, Bv, C, X, V, dims, F=None, shared=False):
     """One Newton step on F(x, v) = 0 by the reduced system.
 
     ``F``, the pair (F1, F2) at (X, V) if the caller has it, saves its
-    evaluation.
+    evaluation; ``shared``: every element has the same A.
     """
     if F is None:
         Y = cones.project_batch(V, dims, dual=True)
-        F1 = np.einsum("bki,bk->bi", Ad, Y) + C
-        F2 = -np.einsum("bki,bi->bk", Ad, X) + Bv - (Y - V)
+        F1 = _reduced.rmatvec(Ad, Y, shared) + C
+        F2 = Bv - _reduced.matvec(Ad, X, shared) - (Y - V)
     else:
         F1, F2 = F
     st = _reduced.Structure(V, dims)
-    dx, dv = _reduced.System(Ad, st).newton(F1, F2)
+    dx, dv = _reduced.System(Ad, st, shared).newton(F1, F2)
     return X + dx, V + dv
 
 

@@ -856,7 +856,7 @@ def test_refinement_falls_back_to_bordered_steps(name, monkeypatch):
     calls = []
     original = optlayer.refine._bordered_step
 
-    def no_reduced_step(Ad, Bv, C, X, V, dims, F=None):
+    def no_reduced_step(Ad, Bv, C, X, V, dims, F=None, shared=False):
         return np.full_like(X, np.nan), np.full_like(V, np.nan)
 
     def counting(*args):
