@@ -445,8 +445,12 @@ class System:
                             rhs1 - np.einsum("bij,bj->bi", self.K11, u))
             if self.r:
                 rhs2 = rhs2 - self.lam_h * np.einsum("bri,bi->br", self.Ah, u)
-        sol = _solve(np.swapaxes(self.K, 1, 2),
-                     np.concatenate([rhs1, rhs2], axis=1))
+        # Regularized where K is singular (non-unique solutions, e.g. the
+        # epigraph variable of an inactive norm constraint): any solution
+        # of J' r = g gives the same gradient there, since d F/d theta
+        # maps into the range of J; callers check J' r = g.
+        sol = _solve_regularized(np.swapaxes(self.K, 1, 2),
+                                 np.concatenate([rhs1, rhs2], axis=1), n)
         r1, p = sol[:, :n], sol[:, n:]
         P = -self._scatter(p, self.hard.shape[1])       # q on hard ones
         if self.any_pin:

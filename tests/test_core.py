@@ -761,6 +761,50 @@ def test_refinement_handles_non_unique_auxiliary_variables(monkeypatch):
         _assert_close(got[k], x.value, 1e-9, f"element {k}")
 
 
+def test_adjoint_handles_non_unique_auxiliary_variables(monkeypatch):
+    # The same singular optimality conditions in the backward pass: J' r = g
+    # has many solutions, but all give the same gradient (dF/dtheta maps
+    # into the range of J). The regularized reduced solve must be used (no
+    # bordered fallback), agree with the bordered minimum-norm answer, and
+    # match central finite differences.
+    import optlayer.adjoint
+
+    rng = _rng("non_unique_adjoint")
+    x = cp.Variable(6)
+    c = cp.Parameter(6)
+    A = cp.Parameter((8, 6))
+    problem = cp.Problem(cp.Minimize(c @ x),
+                         [cp.norm(A @ x + 0.1, 2) <= 1, cp.norm(x, 2) <= 5])
+    layer = optlayer.Layer(problem, [c, A], [x], warm_start=False)
+    values = [rng.normal(size=(4, 6)),
+              rng.normal(size=(4, 8, 6)) + 3 * np.eye(8, 6)]
+    _, state = layer.solve(*values)
+    cotangents = _random_cotangents(layer, 4, rng)
+    calls = []
+    bordered = optlayer.adjoint.adjoint_bordered
+
+    def spy(*args):
+        calls.append(args[0].shape[0])
+        return bordered(*args)
+
+    monkeypatch.setattr(optlayer.adjoint, "adjoint_bordered", spy)
+    got = layer.adjoint(values, state, cotangents)
+    assert calls == [], "the regularized reduced system was not used"
+    monkeypatch.setattr(optlayer.adjoint, "adjoint_dense", bordered)
+    want = layer.adjoint(values, state, cotangents)
+    # Both are solutions of the same consistent system, the reduced one
+    # regularized by 1e-10 relative: 1e-8 covers that times conditioning.
+    for i, (g, w) in enumerate(zip(got, want)):
+        _assert_close(g, w, 1e-8, f"gradient {i}")
+    monkeypatch.undo()
+    for _ in range(3):
+        direction = [rng.normal(size=v.shape) for v in values]
+        fd = _finite_difference(layer, values, direction, cotangents)
+        analytic = sum(float(np.sum(g * d)) for g, d in zip(got, direction))
+        assert abs(fd - analytic) <= FD_RTOL * max(1.0, abs(analytic)), (
+            f"analytic {analytic:.9g}, finite difference {fd:.9g}")
+
+
 def test_warm_start_after_a_boundary_call_matches_cold():
     # Maximize entropy with x0 <= p: at p = 0 the bound sits on the
     # exponential cone's boundary (its multiplier is infinite). The next
