@@ -176,7 +176,7 @@ def _apply_stack(diag, blocks, Z):
     if Z.ndim == 2:
         out[:, :zl] = diag * Z[:, :zl]
         for i, j, D in blocks:
-            out[:, i:j] = np.einsum("bij,bj->bi", D, Z[:, i:j])
+            out[:, i:j] = _reduced.bmv(D, Z[:, i:j])
     else:
         out[:, :zl] = diag[:, :, None] * Z[:, :zl]
         for i, j, D in blocks:
@@ -286,7 +286,7 @@ def adjoint_bordered(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims):
         r = np.linalg.solve(K, rhs[..., None])[:, :N, 0]
     except np.linalg.LinAlgError:
         pass  # at least one is exactly singular: all are checked below
-    residual = np.linalg.norm(np.einsum("bij,bj->bi", MT, r) - g, axis=1)
+    residual = np.linalg.norm(_reduced.bmv(MT, r) - g, axis=1)
     scale = np.linalg.norm(g, axis=1)
     bad = ~(residual <= RESIDUAL_TOL * scale)
     for b in np.flatnonzero(bad):

@@ -69,19 +69,29 @@ def is_shared(Av):
     return Av.shape[0] > 1 and not np.any(Av[1:] != Av[:1])
 
 
+def bmv(M, x):
+    """M x for each element of a stack: M (..., k, l), x (..., l)."""
+    return np.matmul(M, x[..., None])[..., 0]
+
+
+def bmtv(M, y):
+    """M'y for each element of a stack: M (..., k, l), y (..., k)."""
+    return np.matmul(y[..., None, :], M)[..., 0, :]
+
+
 def matvec(Ad, X, shared=False):
     """A x for each element; ``shared``: all elements have Ad[0] (one
     matrix product instead of a stack of them)."""
     if shared:
         return X @ Ad[0].T
-    return np.einsum("bki,bi->bk", Ad, X)
+    return bmv(Ad, X)
 
 
 def rmatvec(Ad, Y, shared=False):
     """A'y for each element; ``shared`` as for :func:`matvec`."""
     if shared:
         return Y @ Ad[0]
-    return np.einsum("bki,bk->bi", Ad, Y)
+    return bmtv(Ad, Y)
 
 
 class _Soc:
@@ -109,7 +119,7 @@ class _Soc:
         if Z.ndim == 2:
             val = Z[:, 0] + np.einsum("bi,bi->b", self.u, Z[:, 1:])
         else:
-            val = Z[:, 0] + np.einsum("bi,bin->bn", self.u, Z[:, 1:])
+            val = Z[:, 0] + bmtv(Z[:, 1:], self.u)
         return _C * val
 
     def e0(self, Z):
@@ -168,8 +178,8 @@ class Structure:
         out = np.empty_like(Z)
         out[:, :self.zl] = self.lam_diag * Z[:, :self.zl]
         for i, j, lam, U in self.generic:
-            Ut_z = np.einsum("bki,bk->bi", U, Z[:, i:j])
-            out[:, i:j] = np.einsum("bik,bk->bi", U, lam * Ut_z)
+            Ut_z = bmtv(U, Z[:, i:j])
+            out[:, i:j] = bmv(U, lam * Ut_z)
         for blk in self.soc:
             out[:, blk.i:blk.j] = blk.apply_P(Z[:, blk.i:blk.j])
         return out
@@ -223,7 +233,7 @@ class System:
                 w = blk.u @ Ax[0]
                 AxAx = Ax[0].T @ Ax[0]
             else:
-                w = np.einsum("bkn,bk->bn", Ax, blk.u)
+                w = bmtv(Ax, blk.u)
                 AxAx = np.swapaxes(Ax, 1, 2) @ Ax
             # e1'A = (A_t + u'A_x) / sqrt 2.
             extra[m + s] = (_C * (Ab[:, 0] + w))[:, None, :]
@@ -331,10 +341,10 @@ class System:
         """The multipliers of the pinning rows: from row j of the first
         block, (K11 x)_j + sum_h Ah[h, j] w_h t_h + a_k t_k = rhs1_j, with
         w = lam (Newton) or 1 (adjoint)."""
-        full = np.einsum("bij,bj->bi", self.K11, x)
+        full = bmv(self.K11, x)
         if self.r:
             coef = th * lam if lam is not None else th
-            full += np.einsum("bri,br->bi", self.Ah, coef)
+            full += bmtv(self.Ah, coef)
         b, j, k = self._pin_bj
         return b, k, (rhs1[b, j] - full[b, j]) / self.pin_coef[b, j]
 
@@ -364,7 +374,7 @@ class System:
         return out
 
     def _rotations(self, Z):
-        return [np.einsum("bki,bk->bi", U, Z[:, i:j])
+        return [bmtv(U, Z[:, i:j])
                 for i, j, _, U in self.st.generic]
 
     # -- solves ----------------------------------------------------------
@@ -375,7 +385,7 @@ class System:
         rot = self._rotations(F2)
         rhs1 = -F1
         for (At, _, _, G), f in zip(self.gen, rot):
-            rhs1 = rhs1 + np.einsum("bki,bk->bi", At, G * f)
+            rhs1 = rhs1 + bmtv(At, G * f)
         for blk, (Ab, _, g) in zip(st.soc, self.soc):
             pm = blk.mid(F2[:, blk.i:blk.j])
             rhs1 = rhs1 + g[:, None] * rmatvec(Ab, pm, self.shared)
@@ -385,9 +395,9 @@ class System:
             # Pinned dx_j = f_k / a_k (lam_k = 1: A_k dx = f_k).
             u = self._pinned_values(F2)
             rhs1 = np.where(self.pinned, u,
-                            rhs1 - np.einsum("bij,bj->bi", self.K11, u))
+                            rhs1 - bmv(self.K11, u))
             if self.r:
-                rhs2 = rhs2 - np.einsum("bri,bi->br", self.Ah, u)
+                rhs2 = rhs2 - bmv(self.Ah, u)
         sol = _solve_regularized(self.K, np.concatenate([rhs1, rhs2], axis=1),
                                  n)
         dx, th = sol[:, :n], sol[:, n:]
@@ -399,9 +409,9 @@ class System:
         dv = np.where(self.hard[:, :st.m], T[:, :st.m], q)
         for (i, j, _, U), (At, h, inv_gap, _), f in zip(st.generic,
                                                         self.gen, rot):
-            t = (np.einsum("bki,bi->bk", At, dx) - f) * inv_gap
+            t = (bmv(At, dx) - f) * inv_gap
             t = np.where(h, T[:, i:j], t)
-            dv[:, i:j] = np.einsum("bik,bk->bi", U, t)
+            dv[:, i:j] = bmv(U, t)
         for s, blk in enumerate(st.soc):
             qb = q[:, blk.i:blk.j]
             general = (blk.vec(blk.e0(qb), 0)
@@ -426,7 +436,7 @@ class System:
         rhs1 = g1 + rmatvec(self.Ad[:, :st.zl], g2[:, :st.zl] * soft_diag,
                             self.shared)
         for (At, _, inv_gap, _), h in zip(self.gen, rot):
-            rhs1 = rhs1 + np.einsum("bki,bk->bi", At, h * inv_gap)
+            rhs1 = rhs1 + bmtv(At, h * inv_gap)
         for blk, (Ab, _, _) in zip(st.soc, self.soc):
             gb = g2[:, blk.i:blk.j]
             # Polar: every direction soft with lam = 0; general: e0 (lam 0)
@@ -442,9 +452,9 @@ class System:
             # Pinned r1_j = h_k / a_k (lam_k = 1: A_k r1 = h_k).
             u = self._pinned_values(g2)
             rhs1 = np.where(self.pinned, u,
-                            rhs1 - np.einsum("bij,bj->bi", self.K11, u))
+                            rhs1 - bmv(self.K11, u))
             if self.r:
-                rhs2 = rhs2 - self.lam_h * np.einsum("bri,bi->br", self.Ah, u)
+                rhs2 = rhs2 - self.lam_h * bmv(self.Ah, u)
         # Regularized where K is singular (non-unique solutions, e.g. the
         # epigraph variable of an inactive norm constraint): any solution
         # of J' r = g gives the same gradient there, since d F/d theta
@@ -460,9 +470,9 @@ class System:
         r2 = np.where(self.hard[:, :st.m], P[:, :st.m], g2)
         for (i, j, lam, U), (At, h, inv_gap, _), hv in zip(
                 st.generic, self.gen, rot):
-            q = (hv - lam * np.einsum("bki,bi->bk", At, r1)) * inv_gap
+            q = (hv - lam * bmv(At, r1)) * inv_gap
             q = np.where(h, P[:, i:j], q)
-            r2[:, i:j] = np.einsum("bik,bk->bi", U, q)
+            r2[:, i:j] = bmv(U, q)
         for s, blk in enumerate(st.soc):
             gb, ab = g2[:, blk.i:blk.j], Ar[:, blk.i:blk.j]
             general = (blk.vec(blk.e0(gb), 0)
@@ -508,7 +518,7 @@ def _solve_regularized(K, rhs, n):
     """
     sol = _solve(K, rhs)
     scale = 1.0 + np.abs(rhs).max(axis=1)
-    res = np.abs(np.einsum("bij,bj->bi", K, np.nan_to_num(sol))
+    res = np.abs(bmv(K, np.nan_to_num(sol))
                  - rhs).max(axis=1)
     bad = ~(res <= _SOLVE_TOL * scale) | ~np.isfinite(sol).all(axis=1)
     if np.any(bad):

@@ -169,7 +169,7 @@ def _bordered_step(Av, rows, cols, Bv, C, X, V, dims):
     Pi = np.concatenate([X, Pv, np.ones((B, 1))], axis=1)
     QI = _adjoint.stack_q_plus_i(Av, rows, cols, Bv, C, n, m)
     # R(z) = (Q - I) Pi + z = (Q + I) Pi - 2 Pi + z.
-    R = np.einsum("bij,bj->bi", QI, Pi) - 2.0 * Pi + Z
+    R = _reduced.bmv(QI, Pi) - 2.0 * Pi + Z
     diag, blocks = _adjoint._dual_jacobian_stack(V, dims)
     # M = (Q - I) D + I; D is the identity on the x and last entries.
     QmI = QI.copy()
