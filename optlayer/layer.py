@@ -26,6 +26,15 @@ _REFINE_ACCEPT = 1e-9
 # this many steps.
 _WARM_ACCEPT = 1e-11
 _WARM_STEPS = 10
+# Without a previous solution, Newton steps from the origin: at most this
+# many, and an element whose residual is still above _COLD_GIVE_UP after
+# _COLD_CHECK steps stops (it goes to SCS). From the origin the first step
+# overshoots (residuals of 1e8 and more) and the next ones recover where
+# the method converges (least squares, second-order cones, the seed's
+# layers: within 10 to 20 steps); on LPs it typically does not.
+_COLD_STEPS = 20
+_COLD_CHECK = 3
+_COLD_GIVE_UP = 1e4
 # SCS's tolerance for a second try at elements that did not refine.
 _RESOLVE_EPS = 1e-7
 # Memory for one chunk of the stacked dense adjoint.
@@ -118,6 +127,9 @@ class Layer:
         self.warm_start = bool(warm_start)
         self._last_solution = None
         self._previous_solution = None
+        # Whether Newton steps from the origin solve this problem; None
+        # until the first call without a start point has tried.
+        self._cold_newton = None
         self._pool = None
         self._local = threading.local()
         cp_ = self.compiled
@@ -364,6 +376,22 @@ class Layer:
                 warm = None
                 logger.debug("warm-started refinement solved %d of %d",
                              batch - todo.size, batch)
+        elif self.refine and self._cold_newton is not False:
+            # No start point: Newton steps from the origin, SCS for the
+            # elements they do not solve. A problem on which they solve
+            # fewer than half of the first batch is not tried again.
+            zeros = (np.zeros((batch, cp_.n)), np.zeros((batch, cp_.m)),
+                     np.zeros((batch, cp_.m)))
+            Xr, Yr, Sr, res = self._refine_chunks(
+                Av, Bv, C, *zeros, max_steps=_COLD_STEPS,
+                give_up=(_COLD_CHECK, _COLD_GIVE_UP))
+            done = res <= _WARM_ACCEPT
+            X[done], Y[done], S[done] = Xr[done], Yr[done], Sr[done]
+            todo = np.flatnonzero(~done)
+            if self._cold_newton is None:
+                self._cold_newton = bool(2 * done.sum() >= batch)
+            logger.debug("refinement from the origin solved %d of %d",
+                         batch - todo.size, batch)
 
         def warm_for(i):
             if warm is None:
@@ -466,7 +494,7 @@ class Layer:
         return (np.where(pick, Xe, last[0]), np.where(pick, Ye, last[1]),
                 np.where(pick, Se, last[2]))
 
-    def _refine_chunks(self, Av, Bv, C, X, Y, S, max_steps=6):
+    def _refine_chunks(self, Av, Bv, C, X, Y, S, max_steps=6, give_up=None):
         """Refine the batch in chunks on the thread pool."""
         cp_ = self.compiled
         batch = X.shape[0]
@@ -479,7 +507,7 @@ class Layer:
             sl = slice(lo, lo + step)
             return _refine.refine(Av[sl], rows, cols, Bv[sl], C[sl], X[sl],
                                   Y[sl], S[sl], cp_.dims,
-                                  max_steps=max_steps)
+                                  max_steps=max_steps, give_up=give_up)
 
         results = self._map(chunk, range(0, batch, step))
         return tuple(np.concatenate([r[k] for r in results])

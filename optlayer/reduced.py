@@ -82,14 +82,14 @@ def bmtv(M, y):
 def matvec(Ad, X, shared=False):
     """A x for each element; ``shared``: all elements have Ad[0] (one
     matrix product instead of a stack of them)."""
-    if shared:
+    if shared and Ad.shape[0]:
         return X @ Ad[0].T
     return bmv(Ad, X)
 
 
 def rmatvec(Ad, Y, shared=False):
     """A'y for each element; ``shared`` as for :func:`matvec`."""
-    if shared:
+    if shared and Ad.shape[0]:
         return Y @ Ad[0]
     return bmtv(Ad, Y)
 

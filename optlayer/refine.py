@@ -66,7 +66,8 @@ def _cone_residual(Y, S, dims):
                       np.abs(S - Sp).max(axis=1, initial=0.0))
 
 
-def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6):
+def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6,
+           give_up=None):
     """Refine solutions in place by Newton steps on the residual map.
 
     Args:
@@ -76,6 +77,9 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6):
         dims: the cone.
         tol: stop an element when its relative KKT residual is below tol.
         max_steps: at most this many Newton steps.
+        give_up: optional (steps, level): after that many steps, elements
+            whose current residual is above ``level`` stop (for starts
+            from which Newton steps may not converge at all).
 
     Returns:
         (X, Y, S, res): refined points and their relative KKT residuals.
@@ -97,7 +101,10 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6):
         F1c = _reduced.rmatvec(Ad, Yc, shared) + C
         F2c = Bv - _reduced.matvec(Ad, Xc, shared) - (Yc - Vc)
     alive = np.ones(X.shape[0], dtype=bool)
-    for _ in range(max_steps):
+    current = res.copy()
+    for step in range(max_steps):
+        if give_up is not None and step == give_up[0]:
+            alive &= ~(current > give_up[1])
         a = np.flatnonzero((res > tol) & alive)
         if a.size == 0:
             break
@@ -135,6 +142,7 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6):
             F2n = Bv[a] - _reduced.matvec(Ad_a, Xn, shared) - Sn
             F1c[a], F2c[a] = F1n, F2n
             new_res = _relative(F1n, F2n, Bv[a], C[a], Xn, Yn)
+        current[a] = new_res
         better = new_res < res[a]
         keep = a[better]
         X[keep], Y[keep], S[keep] = Xn[better], Yn[better], Sn[better]

@@ -265,6 +265,107 @@ def test_forward_matches_cvxpy(case, batch_size):
         _assert_close(got, want, FORWARD_RTOL, f"output {k}")
 
 
+@pytest.mark.parametrize("case", _case_params())
+def test_forward_through_scs_matches_cvxpy(case):
+    # Cold calls try Newton steps from the origin first; where they solve
+    # an element, SCS never runs. This keeps the other path, SCS then
+    # refinement, checked on every case as well.
+    problem, params, variables = case.build()
+    layer = optlayer.Layer(problem, params, variables, **case.layer_kwargs)
+    layer._cold_newton = False
+    values = make_inputs(case, _rng("forward_scs", case.name), 3)
+    outputs = layer(*values)
+    batch, elements = _elements(layer, values)
+    reference = _stack(batch, [reference_solve(case, e) for e in elements])
+    for k, (got, want) in enumerate(zip(outputs, reference)):
+        _assert_close(got, want, FORWARD_RTOL, f"output {k}")
+
+
+def _count_scs_calls(monkeypatch):
+    import optlayer.solve
+
+    calls = []
+    one, workspace = optlayer.solve.solve_one, optlayer.solve.Workspace.solve
+
+    def counting_one(*args, **kwargs):
+        calls.append(1)
+        return one(*args, **kwargs)
+
+    def counting_workspace(*args, **kwargs):
+        calls.append(1)
+        return workspace(*args, **kwargs)
+
+    monkeypatch.setattr(optlayer.solve, "solve_one", counting_one)
+    monkeypatch.setattr(optlayer.solve.Workspace, "solve", counting_workspace)
+    return calls
+
+
+def test_cold_newton_solves_least_squares_without_scs(monkeypatch):
+    # Nonnegative least squares: Newton steps from the origin converge (the
+    # first overshoots, the next recover), so no element needs SCS, and
+    # the answers are CVXPY's.
+    rng = _rng("cold_newton_nnls")
+    x = cp.Variable(8)
+    A = cp.Parameter((12, 8))
+    b = cp.Parameter(12)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b)), [x >= 0])
+    layer = optlayer.Layer(problem, [A, b], [x], warm_start=False)
+    As, bs = rng.normal(size=(5, 12, 8)), rng.normal(size=(5, 12))
+    calls = _count_scs_calls(monkeypatch)
+    (got,) = layer(As, bs)
+    assert calls == []
+    assert layer._cold_newton is True
+    monkeypatch.undo()
+    for k in range(5):
+        A.value, b.value = As[k], bs[k]
+        problem.solve(solver=cp.CLARABEL, **CLARABEL_OPTIONS)
+        _assert_close(got[k], x.value, FORWARD_RTOL, f"element {k}")
+
+
+def test_cold_newton_is_dropped_where_it_fails(monkeypatch):
+    # LPs: from the origin Newton steps do not find the active set. The
+    # first call solves every element with SCS after a few steps and
+    # remembers; later calls go to SCS directly. Answers are CVXPY's.
+    import optlayer.refine
+
+    rng = _rng("cold_newton_lp")
+    x = cp.Variable(10)
+    A = cp.Parameter((30, 10))
+    b = cp.Parameter(30)
+    c = cp.Parameter(10)
+    problem = cp.Problem(cp.Minimize(c @ x), [A @ x <= b, cp.abs(x) <= 1])
+    layer = optlayer.Layer(problem, [A, b, c], [x], warm_start=False)
+
+    def sample():
+        As = rng.normal(size=(6, 30, 10))
+        bs = np.einsum("bmn,bn->bm", As, rng.uniform(-0.5, 0.5, (6, 10)))
+        return As, bs + rng.uniform(0.1, 1.0, (6, 30)), rng.normal(size=(6, 10))
+
+    first, second = sample(), sample()
+    calls = _count_scs_calls(monkeypatch)
+    layer(*first)
+    assert len(calls) == 6
+    assert layer._cold_newton is False
+    starts = []
+    original = optlayer.refine.refine
+
+    def spy(*args, **kwargs):
+        starts.append(kwargs.get("give_up"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(optlayer.refine, "refine", spy)
+    (got,) = layer(*second)
+    assert starts and all(s is None for s in starts)   # SCS, then polish
+    assert len(calls) == 12
+    monkeypatch.undo()
+    for k in range(6):
+        A.value, b.value, c.value = (v[k] for v in second)
+        problem.solve(solver=cp.SCS, eps_abs=1e-12, eps_rel=1e-12,
+                      max_iters=200_000)
+        # Clarabel stops near 1e-7 on LPs; SCS at 1e-12 is the reference.
+        _assert_close(got[k], x.value, FORWARD_RTOL, f"element {k}")
+
+
 # -- gradients -------------------------------------------------------------
 
 
