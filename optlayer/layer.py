@@ -35,10 +35,13 @@ _WARM_STEPS = 10
 _COLD_STEPS = 20
 _COLD_CHECK = 3
 _COLD_GIVE_UP = 1e4
-# ... for batches of at least this many elements: a stacked Newton step
-# has a fixed cost of a few tenths of a millisecond, so for one element
-# 10 to 20 of them cost more than SCS and a few polishing steps.
-_COLD_MIN_BATCH = 8
+# ... for batches with batch * m * n at least this: a stacked Newton step
+# has a fixed cost of a few tenths of a millisecond, so for few small
+# programs 10 to 20 of them cost more than SCS and a few polishing steps.
+# (Measured crossovers: a 4-cone SOCP, m n = 462, at about 64 elements;
+# the seed's ReLU layer, 882, at about 40; least squares, 7,752, at 1 to
+# 4.)
+_COLD_MIN_WORK = 32768
 # SCS's tolerance for a second try at elements that did not refine.
 _RESOLVE_EPS = 1e-7
 # Memory for one chunk of the stacked dense adjoint.
@@ -381,7 +384,7 @@ class Layer:
                 logger.debug("warm-started refinement solved %d of %d",
                              batch - todo.size, batch)
         elif (self.refine and self._cold_newton is not False
-              and batch >= _COLD_MIN_BATCH):
+              and batch * cp_.m * cp_.n >= _COLD_MIN_WORK):
             # No start point: Newton steps from the origin, SCS for the
             # elements they do not solve. A problem on which they solve
             # fewer than half of the first batch is not tried again.

@@ -306,12 +306,12 @@ def test_cold_newton_solves_least_squares_without_scs(monkeypatch):
     # needs SCS, and the answers are CVXPY's. A single element is solved
     # by SCS (Newton steps from the origin cost more than SCS there).
     rng = _rng("cold_newton_nnls")
-    x = cp.Variable(8)
-    A = cp.Parameter((12, 8))
-    b = cp.Parameter(12)
+    x = cp.Variable(40)
+    A = cp.Parameter((100, 40))
+    b = cp.Parameter(100)
     problem = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b)), [x >= 0])
     layer = optlayer.Layer(problem, [A, b], [x], warm_start=False)
-    As, bs = rng.normal(size=(8, 12, 8)), rng.normal(size=(8, 12))
+    As, bs = rng.normal(size=(8, 100, 40)), rng.normal(size=(8, 100))
     calls = _count_scs_calls(monkeypatch)
     (single,) = layer(As[:1], bs[:1])
     assert len(calls) == 1 and layer._cold_newton is None
@@ -333,22 +333,23 @@ def test_cold_newton_is_dropped_where_it_fails(monkeypatch):
     import optlayer.refine
 
     rng = _rng("cold_newton_lp")
-    x = cp.Variable(10)
-    A = cp.Parameter((30, 10))
-    b = cp.Parameter(30)
-    c = cp.Parameter(10)
+    x = cp.Variable(20)
+    A = cp.Parameter((40, 20))
+    b = cp.Parameter(40)
+    c = cp.Parameter(20)
     problem = cp.Problem(cp.Minimize(c @ x), [A @ x <= b, cp.abs(x) <= 1])
     layer = optlayer.Layer(problem, [A, b, c], [x], warm_start=False)
 
     def sample():
-        As = rng.normal(size=(8, 30, 10))
-        bs = np.einsum("bmn,bn->bm", As, rng.uniform(-0.5, 0.5, (8, 10)))
-        return As, bs + rng.uniform(0.1, 1.0, (8, 30)), rng.normal(size=(8, 10))
+        As = rng.normal(size=(16, 40, 20))
+        bs = np.einsum("bmn,bn->bm", As, rng.uniform(-0.5, 0.5, (16, 20)))
+        return (As, bs + rng.uniform(0.1, 1.0, (16, 40)),
+                rng.normal(size=(16, 20)))
 
     first, second = sample(), sample()
     calls = _count_scs_calls(monkeypatch)
     layer(*first)
-    assert len(calls) == 8
+    assert len(calls) >= 16
     assert layer._cold_newton is False
     starts = []
     original = optlayer.refine.refine
@@ -362,9 +363,9 @@ def test_cold_newton_is_dropped_where_it_fails(monkeypatch):
     assert starts and all(s is None for s in starts)   # SCS, then polish
     # One SCS solve per element, plus the second pass of any element
     # that SCS's point left short of the active set.
-    assert len(calls) >= 16
+    assert len(calls) >= 32
     monkeypatch.undo()
-    for k in range(8):
+    for k in range(16):
         A.value, b.value, c.value = (v[k] for v in second)
         problem.solve(solver=cp.SCS, eps_abs=1e-12, eps_rel=1e-12,
                       max_iters=200_000)
