@@ -281,6 +281,36 @@ def test_forward_through_scs_matches_cvxpy(case):
         _assert_close(got, want, FORWARD_RTOL, f"output {k}")
 
 
+@pytest.mark.parametrize("case", _case_params())
+def test_forward_from_the_origin_matches_cvxpy(case, monkeypatch):
+    # The zoo's batches are too small for Newton steps from the origin to
+    # be tried; here they always are. Whatever they solve must be CVXPY's
+    # answer (they accept only KKT residuals below 1e-11), the rest goes
+    # to SCS, and the gradients equal those at SCS's refined points.
+    import optlayer.layer
+
+    monkeypatch.setattr(optlayer.layer, "_COLD_MIN_WORK", 0)
+    problem, params, variables = case.build()
+    layer = optlayer.Layer(problem, params, variables, **case.layer_kwargs)
+    rng = _rng("forward_origin", case.name)
+    values = make_inputs(case, rng, 3)
+    outputs, state = layer.solve(*values)
+    batch, elements = _elements(layer, values)
+    reference = _stack(batch, [reference_solve(case, e) for e in elements])
+    for k, (got, want) in enumerate(zip(outputs, reference)):
+        _assert_close(got, want, FORWARD_RTOL, f"output {k}")
+    scs = optlayer.Layer(*case.build(), **case.layer_kwargs)
+    scs._cold_newton = False
+    _, scs_state = scs.solve(*values)
+    cotangents = _random_cotangents(layer, 3, rng)
+    got = layer.adjoint(values, state, cotangents)
+    want = scs.adjoint(values, scs_state, cotangents)
+    # Two refined solutions of the same programs (residuals below 1e-11),
+    # as in the warm/cold comparison above.
+    for k, (g, w) in enumerate(zip(got, want)):
+        _assert_close(g, w, 1e-7, f"gradient {k}")
+
+
 def _count_scs_calls(monkeypatch):
     import optlayer.solve
 
