@@ -35,13 +35,15 @@ _WARM_STEPS = 10
 _COLD_STEPS = 20
 _COLD_CHECK = 3
 _COLD_GIVE_UP = 1e4
-# ... for batches with batch * m * n at least this: a stacked Newton step
-# has a fixed cost of a few tenths of a millisecond, so for few small
-# programs 10 to 20 of them cost more than SCS and a few polishing steps.
-# (Measured crossovers: a 4-cone SOCP, m n = 462, at about 64 elements;
-# the seed's ReLU layer, 882, at about 40; least squares, 7,752, at 1 to
-# 4.)
-_COLD_MIN_WORK = 32768
+# ... where batch * nnz(A) is at least this times (number of cone blocks
+# + 1): a stacked Newton step has a fixed cost of about a tenth of a
+# millisecond per cone block, while SCS's cost per element grows with
+# nnz(A); for a few small programs 10 to 20 steps cost more than SCS and a
+# few polishing steps. (Measured crossovers: a SOCP with 4 cones and 168
+# nonzeros at about 64 elements; the seed's ReLU layer, 1 cone and 42
+# nonzeros, at 40 to 64 elements; least squares, 1 cone and 5,052
+# nonzeros, at 1 element or fewer.)
+_COLD_MIN_WORK = 1500
 # SCS's tolerance for a second try at elements that did not refine.
 _RESOLVE_EPS = 1e-7
 # Memory for one chunk of the stacked dense adjoint.
@@ -141,6 +143,7 @@ class Layer:
         self._local = threading.local()
         cp_ = self.compiled
         self._cone = cp_.dims.to_scs()
+        self._cone_blocks = sum(1 for _ in cones._blocks(cp_.dims))
         self._A_constant = cp_.A_is_constant and cp_.m > 0 and cp_.n > 0
         # Column of each value of A (its row is compiled.A_indices).
         self._A_cols = np.repeat(np.arange(cp_.n), np.diff(cp_.A_indptr))
@@ -384,7 +387,8 @@ class Layer:
                 logger.debug("warm-started refinement solved %d of %d",
                              batch - todo.size, batch)
         elif (self.refine and self._cold_newton is not False
-              and batch * cp_.m * cp_.n >= _COLD_MIN_WORK):
+              and batch * cp_.A_indices.size
+              >= _COLD_MIN_WORK * (self._cone_blocks + 1)):
             # No start point: Newton steps from the origin, SCS for the
             # elements they do not solve. A problem on which they solve
             # fewer than half of the first batch is not tried again.

@@ -332,16 +332,17 @@ def _count_scs_calls(monkeypatch):
 
 def test_cold_newton_solves_least_squares_without_scs(monkeypatch):
     # Nonnegative least squares: Newton steps from the origin converge (the
-    # first overshoots, the next recover), so no element of a batch of 8
-    # needs SCS, and the answers are CVXPY's. A single element is solved
-    # by SCS (Newton steps from the origin cost more than SCS there).
+    # first overshoots, the next recover), so no element of a batch of 32
+    # needs SCS, and the answers are CVXPY's. A single element of this
+    # small program is solved by SCS (there, 10 to 20 stacked steps cost
+    # more than SCS and a few polishing steps).
     rng = _rng("cold_newton_nnls")
-    x = cp.Variable(40)
-    A = cp.Parameter((100, 40))
-    b = cp.Parameter(100)
+    x = cp.Variable(8)
+    A = cp.Parameter((12, 8))
+    b = cp.Parameter(12)
     problem = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b)), [x >= 0])
     layer = optlayer.Layer(problem, [A, b], [x], warm_start=False)
-    As, bs = rng.normal(size=(8, 100, 40)), rng.normal(size=(8, 100))
+    As, bs = rng.normal(size=(32, 12, 8)), rng.normal(size=(32, 12))
     calls = _count_scs_calls(monkeypatch)
     (single,) = layer(As[:1], bs[:1])
     assert len(calls) == 1 and layer._cold_newton is None
@@ -350,7 +351,7 @@ def test_cold_newton_solves_least_squares_without_scs(monkeypatch):
     assert layer._cold_newton is True
     monkeypatch.undo()
     _assert_close(single[0], got[0], 1e-9, "batch of one")
-    for k in range(8):
+    for k in range(32):
         A.value, b.value = As[k], bs[k]
         problem.solve(solver=cp.CLARABEL, **CLARABEL_OPTIONS)
         _assert_close(got[k], x.value, FORWARD_RTOL, f"element {k}")
