@@ -48,9 +48,11 @@ _COLD_MIN_WORK = 1500
 _RESOLVE_EPS = 1e-7
 # Memory for one chunk of the stacked dense adjoint.
 _DENSE_CHUNK_BYTES = 64 * 2**20
-# Programs with m n at least this size refine and differentiate on all
-# threads, smaller ones on the calling thread (see Layer._dense_jobs).
+# Batches of at least _THREADED_DENSE_BATCH programs with m n at least
+# _THREADED_DENSE_SIZE refine and differentiate on all threads, others on
+# the calling thread (see Layer._dense_jobs).
 _THREADED_DENSE_SIZE = 4000
+_THREADED_DENSE_BATCH = 64
 
 
 class Layer:
@@ -269,7 +271,7 @@ class Layer:
         if N <= _adjoint.DENSE_LIMIT:
             # Stacked dense solves, in chunks of bounded memory.
             step = max(1, int(_DENSE_CHUNK_BYTES // (8 * (N + 1) ** 2)))
-            step = min(step, -(-batch // self._dense_jobs()))
+            step = min(step, -(-batch // self._dense_jobs(batch)))
             rows, cols = cp_.A_indices, self._A_cols
 
             def chunk(lo):
@@ -325,18 +327,24 @@ class Layer:
             Bv = Bv - (self._to_rows @ contrib.T).T
         return Av, Bv, C, w, vals_e
 
-    def _dense_jobs(self):
+    def _dense_jobs(self, batch):
         """Threads for the stacked dense work (refinement, adjoint).
 
-        Its many small NumPy operations hold the GIL between them: for
-        small programs two threads were slower than one (the seed's ReLU
-        layer, m n = 882: refinement 13 ms vs 18 ms per 300 elements; a
-        4-cone SOCP, m n = 462: 5 ms vs 10 ms per 128), for larger ones
-        faster (an LP, m n = 10,000: 37 ms vs 20 ms; NNLS, 7,752: 20 ms vs
-        16 ms per 128). SCS runs on all threads in any case.
+        Its many small NumPy operations hold the GIL between them (NumPy
+        keeps it for small arrays), so threads mostly wait for each other:
+        for small programs two threads were slower than one at any batch
+        size (the seed's ReLU layer, m n = 882: refinement 13 ms vs 18 ms
+        per 300 elements; a 4-cone SOCP, m n = 462: 5 ms vs 10 ms per
+        128), for larger ones only from about 64 elements on (least
+        squares, m n = 7,752: 1.5 times slower at 4 to 16 elements, even
+        at 64, 1.2 times faster at 128; an LP, m n = 10,000: 1.8 times
+        faster at 128). SCS runs on all threads in any case.
         """
         cp_ = self.compiled
-        return self.n_jobs if cp_.m * cp_.n >= _THREADED_DENSE_SIZE else 1
+        if (cp_.m * cp_.n >= _THREADED_DENSE_SIZE
+                and batch >= _THREADED_DENSE_BATCH):
+            return self.n_jobs
+        return 1
 
     def _map(self, fn, items):
         items = list(items)
@@ -513,7 +521,7 @@ class Layer:
         rows, cols = cp_.A_indices, self._A_cols
         N = cp_.n + cp_.m + 1
         step = max(1, int(_DENSE_CHUNK_BYTES // (8 * 3 * (N + 1) ** 2)))
-        step = min(step, -(-batch // self._dense_jobs()))
+        step = min(step, -(-batch // self._dense_jobs(batch)))
 
         def chunk(lo):
             sl = slice(lo, lo + step)
