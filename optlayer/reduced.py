@@ -44,8 +44,17 @@ treated as soft: 1 - mu is small only without strict complementarity,
 where callers' checks send the element to the bordered systems. PSD,
 exponential and power cones use a numerical eigendecomposition.
 
+A hard row of the zero or nonnegative cone with a single nonzero a_k in
+column j (a bound such as x_j >= 0, or x_j = const) reads a_k dx_j = f_k:
+it fixes dx_j, and its multiplier t_k follows from row j of the first
+block once the rest is solved. Such rows and their columns leave K (the
+column becomes an identity row), so that K has n + (other hard
+directions) unknowns; a column with two such rows keeps them as ordinary
+hard rows. The adjoint system is treated alike.
+
 When J is singular (non-unique solutions, degenerate programs) K is too;
-callers check the result against J and fall back to the bordered systems.
+it is then solved with a small quasi-definite regularization, and callers
+check the result against J and fall back to the bordered systems.
 """
 
 import numpy as np

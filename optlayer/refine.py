@@ -7,7 +7,8 @@ A solution of the cone program is a zero of
 with y = Pi(v) and s = y - v (see ``optlayer.reduced``). From a moderately
 accurate solver point, or from the solution of nearby parameters (warm
 starts), semismooth Newton steps on F converge quadratically once the
-active set is identified. Each step solves the reduced system of
+active set is identified; for many programs (not LPs) they also converge
+from the origin, after a first step that overshoots. Each step solves the reduced system of
 ``optlayer.reduced`` (about n + number of active constraints unknowns);
 where that system is singular, the step is taken on the homogeneous
 residual map of ``optlayer.adjoint`` with its bordered matrix instead.
