@@ -141,6 +141,7 @@ class Layer:
         # Whether Newton steps from the origin solve this problem; None
         # until the first call without a start point has tried.
         self._cold_newton = None
+        self._data_cache = None
         self._pool = None
         self._local = threading.local()
         cp_ = self.compiled
@@ -314,7 +315,20 @@ class Layer:
     # -- internals -------------------------------------------------------
 
     def _data(self, theta):
-        """Cone data for the batch: (A values, b, c, w, A_e values)."""
+        """Cone data for the batch: (A values, b, c, w, A_e values).
+
+        The last result is kept: the backward pass of a call asks for the
+        same theta again (checked entry by entry).
+        """
+        cached = self._data_cache
+        if cached is not None and cached[0].shape == theta.shape and \
+                np.array_equal(cached[0], theta):
+            return cached[1]
+        data = self._compute_data(theta)
+        self._data_cache = (theta, data)
+        return data
+
+    def _compute_data(self, theta):
         cp_ = self.compiled
         C = np.asarray(cp_.T_c @ theta.T).T
         Bv = np.asarray(cp_.T_b @ theta.T).T
@@ -362,6 +376,7 @@ class Layer:
         state = dict(self.__dict__)
         state["_pool"] = None
         state["_local"] = None
+        state["_data_cache"] = None
         return state
 
     def __setstate__(self, state):
