@@ -494,12 +494,16 @@ class System:
         return r1, r2
 
 
-def _solve(K, rhs):
-    """Stacked solve; rows of a singular stack come back as NaN."""
+def _solve(K, rhs, singular_ok=False):
+    """Stacked solve; rows of exactly singular matrices come back as NaN
+    (each element solved alone), or, with ``singular_ok``, all rows as NaN
+    as soon as one matrix is singular (the caller then regularizes)."""
     try:
         return np.linalg.solve(K, rhs[..., None])[..., 0]
     except np.linalg.LinAlgError:
         out = np.full(rhs.shape, np.nan)
+        if singular_ok:
+            return out
         for b in range(K.shape[0]):
             try:
                 out[b] = np.linalg.solve(K[b], rhs[b])
@@ -522,21 +526,31 @@ def _solve_regularized(K, rhs, n):
     system is solved again with K + delta diag(I_n, -I): K's blocks are
     positive semidefinite and negative semidefinite, so the regularized
     matrix is quasi-definite and nonsingular, and its solution is close to
-    the least-norm one. Newton steps only need to reduce the residual,
-    which the caller checks.
+    the least-norm one. One round of iterative refinement against K
+    follows, kept where it lowers the residual: it restores the exact
+    solution of elements that were regularized only because another
+    matrix of the stack was exactly singular (LAPACK then fails the whole
+    stack). Newton steps only need to reduce the residual, which the
+    caller checks.
     """
-    sol = _solve(K, rhs)
+    sol = _solve(K, rhs, singular_ok=True)
     scale = 1.0 + np.abs(rhs).max(axis=1)
-    res = np.abs(bmv(K, np.nan_to_num(sol))
-                 - rhs).max(axis=1)
+    res = np.abs(bmv(K, np.nan_to_num(sol)) - rhs).max(axis=1)
     bad = ~(res <= _SOLVE_TOL * scale) | ~np.isfinite(sol).all(axis=1)
     if np.any(bad):
-        Kb = K[bad].copy()
+        Kb = K[bad]
+        Kr = Kb.copy()
         delta = _REG * (1.0 + np.abs(Kb).max(axis=(1, 2)))
         N = K.shape[1]
         sign = np.where(np.arange(N) < n, 1.0, -1.0)
-        Kb[:, np.arange(N), np.arange(N)] += delta[:, None] * sign
-        sol[bad] = _solve(Kb, rhs[bad])
+        Kr[:, np.arange(N), np.arange(N)] += delta[:, None] * sign
+        rb = rhs[bad]
+        sb = _solve(Kr, rb)
+        r0 = rb - bmv(Kb, sb)
+        refined = sb + _solve(Kr, r0)
+        r1 = rb - bmv(Kb, refined)
+        better = (np.abs(r1).max(axis=1) < np.abs(r0).max(axis=1))[:, None]
+        sol[bad] = np.where(better, refined, sb)
     return sol
 
 

@@ -568,3 +568,94 @@ def test_reduced_solves_match_the_full_jacobian():
         np.testing.assert_allclose(np.concatenate([r1[b], r2[b]]), adj,
                                    atol=1e-8)
     assert checked >= B // 2
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_reduced_solves_with_bound_rows_match_the_full_jacobian(shared):
+    # Hard rows of the zero and nonnegative cones with one nonzero (bounds)
+    # fix their column and leave the reduced system; two such rows on one
+    # column stay ordinary hard rows. Newton steps and adjoints must still
+    # equal direct solves with J and J', with A per element or shared.
+    from optlayer import reduced
+
+    rng = np.random.default_rng(2)
+    dims = ConeDims(zero=2, nonneg=5, soc=(4,), exp=1)
+    m, n, B = 2 + 5 + 4 + 3, 8, 40
+    V = rng.normal(size=(B, m))
+    V[:, :2] = 1.0                      # zero cone: always hard
+    V[:20, 2:7] = np.abs(V[:20, 2:7])   # active bounds in half the batch
+    # Rows 2 and 3 bound the same variable; both active (degenerate, J
+    # singular) only in the first 4 elements.
+    V[4:, 3] = -np.abs(V[4:, 3])
+    base = rng.normal(size=(m, n))
+    base[0] = 0.0
+    base[0, 1] = 2.0                    # x_1 = const
+    base[2] = 0.0
+    base[2, 3] = -1.0                   # x_3 >= const ...
+    base[3] = 0.0
+    base[3, 3] = 1.0                    # ... and x_3 <= const: not pinned
+    base[4] = 0.0
+    base[4, 5] = -3.0                   # -3 x_5 <= const
+    if shared:
+        Ad = np.broadcast_to(base, (B, m, n)).copy()
+    else:
+        Ad = base + 0.1 * rng.normal(size=(B, m, n)) * (base != 0)
+    st = reduced.Structure(V, dims)
+    system = reduced.System(Ad, st, shared)
+    assert system.any_pin and system.pinned[:20, [1, 5]].all()
+    # Column 3 is pinned where exactly one of its two bound rows is hard.
+    hard2, hard3 = V[:, 2] > 0, V[:, 3] > 0
+    assert not system.pinned[hard2 & hard3, 3].any()
+    assert system.pinned[hard2 ^ hard3, 3].all()
+    F1, F2 = rng.normal(size=(B, n)), rng.normal(size=(B, m))
+    g1, g2 = rng.normal(size=(B, n)), rng.normal(size=(B, m))
+    dx, dv = system.newton(F1, F2)
+    r1, r2 = system.adjoint(g1, g2)
+    checked = 0
+    for b in range(B):
+        D = cones.dproject(V[b], dims, dual=True).toarray()
+        J = np.block([[np.zeros((n, n)), Ad[b].T @ D],
+                      [-Ad[b], np.eye(m) - D]])
+        if np.linalg.cond(J) > 1e8:
+            continue
+        checked += 1
+        # As in the test above: cond(J) <= 1e8, O(1) data.
+        step = np.linalg.solve(J, -np.concatenate([F1[b], F2[b]]))
+        np.testing.assert_allclose(np.concatenate([dx[b], dv[b]]), step,
+                                   atol=1e-8)
+        adj = np.linalg.solve(J.T, np.concatenate([g1[b], g2[b]]))
+        np.testing.assert_allclose(np.concatenate([r1[b], r2[b]]), adj,
+                                   atol=1e-8)
+    assert checked >= B // 2
+
+
+def test_regularized_solve_keeps_nonsingular_elements_exact():
+    # One exactly singular matrix makes LAPACK fail the whole stack; the
+    # others must still get their exact solutions (regularized solve plus
+    # one round of iterative refinement), the singular but consistent one
+    # a solution with a small residual.
+    from optlayer import reduced
+
+    rng = np.random.default_rng(3)
+    B, n, r = 6, 4, 3
+    N = n + r
+    K = np.zeros((B, N, N))
+    for b in range(B):
+        H = rng.normal(size=(n, n))
+        Ah = rng.normal(size=(r, n))
+        K[b, :n, :n] = H @ H.T
+        K[b, :n, n:] = Ah.T
+        K[b, n:, :n] = Ah
+    K[2, n:, :n] = 0.0
+    K[2, :n, n:] = 0.0               # hard rows all zero: singular
+    rhs = rng.normal(size=(B, N))
+    rhs[2, n:] = 0.0                 # ... but consistent
+    sol = reduced._solve_regularized(K, rhs, n)
+    for b in range(B):
+        if b == 2:
+            res = np.abs(K[b] @ sol[b] - rhs[b]).max()
+            assert res < 1e-8
+        else:
+            # Condition numbers here are below 1e4: 1e-10 is ample.
+            np.testing.assert_allclose(sol[b], np.linalg.solve(K[b], rhs[b]),
+                                       rtol=1e-10, atol=1e-10)
