@@ -73,7 +73,12 @@ class Layer:
         solver_options: settings passed to SCS, over the defaults
             ``optlayer.solve.DEFAULT_SOLVER_OPTIONS`` (eps_abs = eps_rel =
             1e-10, max_iters = 100000): tight, because gradients are only as
-            accurate as the solution they are taken at.
+            accurate as the solution they are taken at. With refinement
+            and the default limits, an element that SCS's last, tight
+            pass leaves inaccurate (iteration limit) is a failure unless
+            its relative KKT residual is at most 1e-6 (then a warning);
+            without refinement, or if max_iters, time_limit_secs, eps_abs
+            or eps_rel are set here, inaccurate elements only warn.
         n_jobs: threads for the batch (default: the number of CPUs).
         warm_start: start each call from the previous call's solution when
             the batch size is unchanged (default True). With refinement on,
@@ -134,6 +139,9 @@ class Layer:
             options.update(_solve.REFINED_SOLVER_OPTIONS)
         options.update(solver_options or {})
         self.solver_options = options
+        # Whether the user limited SCS (inaccurate results then only warn).
+        self._user_limits = bool(set(solver_options or {}) & {
+            "max_iters", "time_limit_secs", "eps_abs", "eps_rel"})
         self.n_jobs = int(n_jobs) if n_jobs else (os.cpu_count() or 1)
         self.warm_start = bool(warm_start)
         self._last_solution = None
@@ -472,6 +480,8 @@ class Layer:
         X[todo] = np.stack([r[0] for r in results]).reshape(-1, cp_.n)
         Y[todo] = np.stack([r[1] for r in results]).reshape(-1, cp_.m)
         S[todo] = np.stack([r[2] for r in results]).reshape(-1, cp_.m)
+        # Without refinement the user's SCS settings decide: inaccurate
+        # elements (say, of a deliberately low max_iters) only warn.
         _solve.check_statuses([r[3] for r in results],
                               [r[4] for r in results], batched,
                               indices=todo, batch_size=batch,
@@ -577,13 +587,38 @@ class Layer:
             results = self._resolve(Av, Bv, C, X, Y, S, failed,
                                     _solve.DEFAULT_SOLVER_OPTIONS["eps_abs"],
                                     raw=True)
-            _solve.check_statuses([r[3] for r in results],
-                                  [r[4] for r in results], batched,
-                                  indices=np.asarray(indices)[failed],
-                                  batch_size=batch_size)
             for i, r in zip(failed, results):
                 X[i], Y[i], S[i] = r[0], r[1], r[2]
+            # The last resort: an inaccurate answer here is accepted (with
+            # a warning) only if it nearly satisfies the optimality
+            # conditions; nearly infeasible programs end here with points
+            # that violate their constraints.
+            status_vals = [r[3] for r in results]
+            _solve.check_statuses(
+                status_vals, [r[4] for r in results], batched,
+                indices=np.asarray(indices)[failed], batch_size=batch_size,
+                residuals=None if self._user_limits else
+                self._inaccurate_residuals(
+                    Av[failed], Bv[failed], C[failed], X[failed], Y[failed],
+                    S[failed], status_vals))
         return X, Y, S
+
+    def _inaccurate_residuals(self, Av, Bv, C, X, Y, S, status_vals):
+        """Relative KKT residuals (with the distance of y and s from their
+        cones) of the elements SCS reported as inaccurate; 0 for others."""
+        status_vals = np.asarray(status_vals)
+        out = np.zeros(status_vals.size)
+        k = np.flatnonzero(status_vals == _solve.SOLVED_INACCURATE)
+        if k.size == 0:
+            return out
+        cp_ = self.compiled
+        kkt = _refine.residual(Av[k], cp_.A_indices, self._A_cols, Bv[k],
+                               C[k], X[k], Y[k], S[k])
+        scale = 1.0 + np.maximum(np.abs(Y[k]).max(axis=1, initial=0.0),
+                                 np.abs(S[k]).max(axis=1, initial=0.0))
+        cone = _refine._cone_residual(Y[k], S[k], cp_.dims) / scale
+        out[k] = np.maximum(kkt, cone)
+        return out
 
     def _resolve(self, Av, Bv, C, X, Y, S, which, eps, raw=False):
         """SCS from (X, Y, S) at tolerance ``eps`` for the elements

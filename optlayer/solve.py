@@ -74,8 +74,14 @@ class Workspace:
                 int(info["status_val"]), str(info["status"]))
 
 
+# An inaccurate SCS result (iteration limit) whose relative KKT residual
+# is above this is a failure, not an answer: nearly infeasible programs
+# end there with points that violate their constraints.
+INACCURATE_LIMIT = 1e-6
+
+
 def check_statuses(status_vals, statuses, batched, indices=None,
-                   batch_size=None, warn=True):
+                   batch_size=None, warn=True, residuals=None):
     """Raise SolverError for failed elements, warn for inaccurate ones.
 
     Args:
@@ -85,6 +91,8 @@ def check_statuses(status_vals, statuses, batched, indices=None,
         batch_size: the size of the whole batch (default: len(statuses)).
         warn: warn about inaccurate elements (off when a later step, such
             as refinement, checks their accuracy itself).
+        residuals: optional relative KKT residual per element; inaccurate
+            elements above ``INACCURATE_LIMIT`` then count as failed.
     """
     import warnings
 
@@ -92,6 +100,15 @@ def check_statuses(status_vals, statuses, batched, indices=None,
     if indices is None:
         indices = np.arange(status_vals.size)
     indices = np.asarray(indices)
+    statuses = list(statuses)
+    if residuals is not None:
+        residuals = np.asarray(residuals)
+        too_far = (status_vals == SOLVED_INACCURATE) & ~(
+            residuals <= INACCURATE_LIMIT)
+        for k in np.flatnonzero(too_far):
+            statuses[k] = (f"{statuses[k]}, relative KKT residual "
+                           f"{residuals[k]:.1e}")
+        status_vals = np.where(too_far, -1, status_vals)
     statuses = dict(zip(indices.tolist(), statuses))
     batch_size = status_vals.size if batch_size is None else batch_size
     failed = indices[(status_vals != SOLVED)

@@ -438,3 +438,33 @@ def test_logging_only_through_optlayer_logger(caplog):
     for record in ours:
         assert record.name == "optlayer" or record.name.startswith(
             "optlayer."), (record.name, record.getMessage())
+
+
+@pytest.mark.parametrize("cold_newton", [None, False])
+def test_nearly_infeasible_elements_are_named(cold_newton):
+    # min ||x - a||^2 s.t. x >= p, sum(x) <= u with u = sum(p) - 1e-3 in
+    # two elements: infeasible by 1e-3. SCS ends them "solved (inaccurate)"
+    # at points that violate x >= p; with the default limits that is a
+    # failure naming exactly those elements, whichever path solved the
+    # others (Newton steps from the origin, or SCS).
+    rng = np.random.default_rng(16)
+    x = cp.Variable(4)
+    a = cp.Parameter(4)
+    p = cp.Parameter(4)
+    u = cp.Parameter()
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)),
+                         [x >= p, cp.sum(x) <= u])
+    layer = optlayer.Layer(problem, [a, p, u], [x], warm_start=False)
+    if cold_newton is not None:
+        layer._cold_newton = cold_newton
+    A = rng.standard_normal((40, 4)) + 3
+    P = rng.standard_normal((40, 4))
+    U = P.sum(axis=1) + 1.0
+    U[[7, 31]] = P[[7, 31]].sum(axis=1) - 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(optlayer.SolverError) as info:
+            layer(A, P, U)
+    assert info.value.elements == (7, 31)
+    for status in info.value.statuses:
+        assert "infeasible" in status or "relative KKT residual" in status
