@@ -1,7 +1,7 @@
 """Side-by-side benchmark: optlayer against cvxpylayers, same inputs, one run.
 
 Run ``python -m benchmarks.compare`` (all workloads, batches 1, 16, 128,
-3 repeats) or ``python -m benchmarks.compare --quick`` (the same batches,
+7 repeats) or ``python -m benchmarks.compare --quick`` (the same batches,
 one repeat; one to two minutes on two cores).
 
 After the table comes the cost per batch element: for every workload and
@@ -421,7 +421,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-sizes", default="1,16,128",
                         help="comma-separated batch sizes (relu always "
                              f"uses {RELU_BATCH})")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=int, default=7,
                         help="timed calls per measurement (median)")
     parser.add_argument("--quick", action="store_true",
                         help="batches 1,16,128 and one repeat")
