@@ -78,7 +78,11 @@ class Layer:
             pass leaves inaccurate (iteration limit) is a failure unless
             its relative KKT residual is at most 1e-6 (then a warning);
             without refinement, or if max_iters, time_limit_secs, eps_abs
-            or eps_rel are set here, inaccurate elements only warn.
+            or eps_rel are set here, inaccurate elements only warn. With
+            refinement, SCS's loose first pass uses the backend for its
+            linear systems (``linear_solver``) that suits A: the dense one
+            where n * n <= nnz(A), QDLDL otherwise; a ``linear_solver``
+            given here is used instead.
         n_jobs: threads for the batch (default: the number of CPUs).
         warm_start: start each call from the previous call's solution when
             the batch size is unchanged (default True). With refinement on,
@@ -139,6 +143,15 @@ class Layer:
             options.update(_solve.REFINED_SOLVER_OPTIONS)
         options.update(solver_options or {})
         self.solver_options = options
+        # SCS's first, loose pass before refinement uses the backend for
+        # its linear systems that suits the shape of A (unless the user
+        # chose one). Its tight passes keep SCS's default backend: with
+        # the dense or QDLDL backends SCS missed 1e-10 on some test
+        # programs that it reaches with the default.
+        self._first_options = dict(options)
+        if self.refine and "linear_solver" not in (solver_options or {}):
+            self._first_options["linear_solver"] = _solve.linear_solver(
+                cp_.n, cp_.A_indices.size)
         # Whether the user limited SCS (inaccurate results then only warn).
         self._user_limits = bool(set(solver_options or {}) & {
             "max_iters", "time_limit_secs", "eps_abs", "eps_rel"})
@@ -394,7 +407,7 @@ class Layer:
     def _solve_batch(self, Av, Bv, C, batched, warm_start):
         cp_ = self.compiled
         batch = C.shape[0]
-        options = self.solver_options
+        options = self._first_options
         cone = self._cone
         X = np.zeros((batch, cp_.n))
         Y = np.zeros((batch, cp_.m))

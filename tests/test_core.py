@@ -1057,3 +1057,49 @@ def test_refinement_falls_back_to_bordered_steps(name, monkeypatch):
     # after six steps); 1e-8 covers the latter times the conditioning.
     for g, w in zip(got, want):
         _assert_close(g, w, 1e-8, "output")
+
+
+def test_scs_linear_solver_chosen_by_the_shape_of_A(monkeypatch):
+    # The dense backend where its n x n matrix is no larger than A (a
+    # dense 100 x 10 A); QDLDL for a sparse A; only for SCS's loose first
+    # pass before refinement; the user's own choice always wins. Each
+    # layer's answers are CVXPY's, so the backend changes speed only.
+    import optlayer.solve
+
+    assert optlayer.solve.linear_solver(1000, 7000) == optlayer.solve.SPARSE
+    if optlayer.solve.DENSE is not None:
+        assert optlayer.solve.linear_solver(50, 10_000) == \
+            optlayer.solve.DENSE
+    seen = []
+    original = optlayer.solve.solve_one
+
+    def spy(A, b, c, cone, options, warm=None):
+        seen.append(options.get("linear_solver"))
+        return original(A, b, c, cone, options, warm)
+
+    monkeypatch.setattr(optlayer.solve, "solve_one", spy)
+    rng = _rng("linear_solver")
+    x = cp.Variable(10)
+    A = cp.Parameter((100, 10))
+    b = cp.Parameter(100)
+    c = cp.Parameter(10)
+    problem = cp.Problem(cp.Minimize(c @ x), [A @ x <= b, cp.abs(x) <= 1])
+    As = rng.normal(size=(2, 100, 10))
+    bs = np.einsum("bmn,bn->bm", As, rng.uniform(-0.5, 0.5, (2, 10))) + 0.5
+    cs = rng.normal(size=(2, 10))
+    for kwargs, want in [
+            # Canonicalized: n = 20 (abs adds 10), nnz(A) = 1050.
+            ({}, optlayer.solve.DENSE or optlayer.solve.SPARSE),
+            ({"solver_options": {"linear_solver": "qdldl"}}, "qdldl"),
+            ({"refine": False}, None)]:
+        layer = optlayer.Layer(problem, [A, b, c], [x], warm_start=False,
+                               **kwargs)
+        layer._cold_newton = False
+        seen.clear()
+        (got,) = layer(As, bs, cs)
+        assert seen and seen[:2] == [want, want], (kwargs, seen)
+        for k in range(2):
+            A.value, b.value, c.value = As[k], bs[k], cs[k]
+            problem.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12,
+                          tol_gap_rel=1e-12, tol_feas=1e-12)
+            _assert_close(got[k], x.value, 1e-6, f"{kwargs} element {k}")
