@@ -180,6 +180,16 @@ class Layer:
         self._to_cols = sp.csr_matrix(
             (np.ones(nnz_e), (np.arange(nnz_e), elim.Ae_cols)),
             shape=(nnz_e, elim.size))
+        # Transposes for the backward pass, made once (SciPy would make
+        # them on every product of a dense array with a sparse matrix).
+        self._T_t = tuple(_transposed(M) for M in (
+            cp_.T_A, cp_.T_b, cp_.T_c, elim.T_Ae, elim.W_map,
+            self._to_rows, self._to_cols))
+        self._R_t = tuple(
+            (_transposed(out.R),
+             _transposed(out.R_elim) if out.source == "x" and elim.size
+             else None)
+            for out in cp_.outputs)
         logger.debug("compiled problem: n=%d, m=%d, %d parameter entries",
                      cp_.n, cp_.m, cp_.num_params)
 
@@ -279,12 +289,13 @@ class Layer:
                     f"{cot.shape}; expected {expected}."
                 )
             flat = _vec_f(cot, batched).reshape(batch, -1)
+            R_t, R_elim_t = self._R_t[k]
             if out.source == "x":
-                gx += (out.R.T @ flat.T).T
+                gx += _times(flat, R_t)
                 if cp_.elim.size:
-                    gw += (out.R_elim.T @ flat.T).T
+                    gw += _times(flat, R_elim_t)
             else:
-                gy += (out.R.T @ flat.T).T
+                gy += _times(flat, R_t)
         gs = np.zeros_like(gy)
 
         Av, Bv, C, w, vals_e = self._data(theta)
@@ -318,13 +329,14 @@ class Layer:
             dA = np.stack([r[0] for r in results])
             db = np.stack([r[1] for r in results])
             dc = np.stack([r[2] for r in results])
-        dtheta = dA @ cp_.T_A + db @ cp_.T_b + dc @ cp_.T_c
+        T_A_t, T_b_t, T_c_t, T_Ae_t, W_map_t, rows_t, cols_t = self._T_t
+        dtheta = _times(dA, T_A_t) + _times(db, T_b_t) + _times(dc, T_c_t)
         if cp_.elim.size:
             # Chain rule through b = T_b theta - A_e(theta) w(theta).
-            dbe = (self._to_rows.T @ db.T).T       # db at each A_e value
+            dbe = _times(db, rows_t)               # db at each A_e value
             d_vals = -dbe * (self._to_cols @ w.T).T
-            gw = gw - (self._to_cols.T @ (dbe * vals_e).T).T
-            dtheta = dtheta + d_vals @ cp_.elim.T_Ae + gw @ cp_.elim.W_map
+            gw = gw - _times(dbe * vals_e, cols_t)
+            dtheta = dtheta + _times(d_vals, T_Ae_t) + _times(gw, W_map_t)
         dtheta = np.asarray(dtheta)
         return self._split_gradient(dtheta, values, batch, needs_grad)
 
@@ -839,3 +851,13 @@ def _check_domain(i, name, param, arr, batched):
                     f"value has {word} eigenvalue "
                     f"{eig.min() if kind == 'PSD' else eig.max():.3g}."
                 )
+
+
+def _transposed(M):
+    """M' in CSR form."""
+    return sp.csr_matrix(M.T)
+
+
+def _times(D, M_t):
+    """D @ M for a dense (batch, k) D, given M' (CSR), as a dense array."""
+    return np.asarray(M_t @ D.T).T
