@@ -147,11 +147,19 @@ def check_statuses(status_vals, statuses, batched, indices=None,
                     f"(element: status) {listing}{more}")
         else:
             what = f"the problem: {statuses[failed[0]]}"
+        hint = ""
+        if any("inaccurate" in statuses[i] for i in failed):
+            hint = (" Inaccurate statuses on a feasible problem usually "
+                    "mean badly scaled data: squared norms (sum_squares, "
+                    "quad_form) of quantities of size 100 or more become "
+                    "cone constraints on their squares that SCS cannot "
+                    "solve accurately; rescale such parameters to about "
+                    "1.")
         raise SolverError(
             f"The solver failed on {what}. "
             "Check that the parameter values give a feasible, bounded "
             "problem; for 'solved_inaccurate' or iteration limits, raise "
-            "max_iters or loosen eps_abs/eps_rel in solver_options.",
+            "max_iters or loosen eps_abs/eps_rel in solver_options." + hint,
             elements=failed,
             statuses=[statuses[i] for i in failed],
         )

@@ -468,3 +468,20 @@ def test_nearly_infeasible_elements_are_named(cold_newton):
     assert info.value.elements == (7, 31)
     for status in info.value.statuses:
         assert "infeasible" in status or "relative KKT residual" in status
+
+
+def test_inaccurate_failures_suggest_rescaling():
+    # Failures with an inaccurate status (the iteration limit, as on badly
+    # scaled squared norms) point at the data's scale; plain infeasibility
+    # does not.
+    from optlayer.solve import check_statuses, SOLVED
+
+    with pytest.raises(optlayer.SolverError, match="rescale") as info:
+        check_statuses([SOLVED, 2], ["solved", "solved (inaccurate - "
+                                    "reached max_iters)"], True,
+                       residuals=[0.0, 1e-2])
+    assert list(info.value.elements) == [1]
+    with pytest.raises(optlayer.SolverError) as info:
+        check_statuses([SOLVED, -2], ["solved", "infeasible"], True)
+    assert "rescale" not in str(info.value)
+    assert list(info.value.elements) == [1]
