@@ -109,11 +109,36 @@ def _name(leaf):
         return str(leaf)
 
 
+def as_list(items):
+    """``items`` as a list; a single CVXPY leaf (a Parameter or Variable
+    passed where a list is expected) becomes a list of one. (Iterating
+    over a leaf would give its entries instead.)"""
+    if isinstance(items, cp.expressions.leaf.Leaf):
+        return [items]
+    return list(items)
+
+
 def _check_arguments(problem, parameters, variables):
     """Raise ValueError with a remedy for every malformed argument."""
     if not isinstance(problem, cp.Problem):
         raise ValueError(
             f"problem must be a cvxpy.Problem, got {type(problem).__name__}."
+        )
+    if not problem.is_dcp():
+        raise ValueError(
+            "The problem is not DCP (disciplined convex programming): its "
+            "objective or constraints are not convex as written (for "
+            "example, maximizing a convex function), so it cannot be a "
+            "convex optimization layer. problem.is_dcp() must return True."
+        )
+    complex_leaves = [leaf for leaf in problem.parameters()
+                      + problem.variables() if leaf.is_complex()]
+    if complex_leaves:
+        names = ", ".join(f"'{_name(leaf)}'" for leaf in complex_leaves)
+        raise ValueError(
+            f"Complex parameters or variables ({names}) are not supported; "
+            "write the problem in terms of their real and imaginary parts "
+            "as separate real parameters and variables."
         )
     if not problem.is_dpp():
         raise ValueError(
@@ -122,8 +147,8 @@ def _check_arguments(problem, parameters, variables):
             "variable pinned to a product of parameters; "
             "problem.is_dcp(dpp=True) must return True."
         )
-    parameters = list(parameters)
-    variables = list(variables)
+    parameters = as_list(parameters)
+    variables = as_list(variables)
     problem_params = problem.parameters()
     if not problem_params:
         raise ValueError(
@@ -265,7 +290,10 @@ def _primal_output(chain, param_prob, var, n):
                 dvars = reduction.var_forward(dvars)
             if var.id not in dvars:
                 break
-            value = np.asarray(dvars[var.id], dtype=float)
+            value = dvars[var.id]
+            if sp.issparse(value):        # diagonal variables map to a
+                value = value.toarray()   # sparse matrix
+            value = np.asarray(value, dtype=float)
             value = np.reshape(value, var.size, order="F")
             nz = np.flatnonzero(value)
             rows.extend(nz)

@@ -14,6 +14,7 @@ from optlayer import cones
 from optlayer import reduced as _reduced
 from optlayer import refine as _refine
 from optlayer import solve as _solve
+from optlayer import compile as _compile
 from optlayer.compile import compile_problem
 
 logger = logging.getLogger("optlayer")
@@ -83,7 +84,8 @@ class Layer:
             linear systems (``linear_solver``) that suits A: the dense one
             where n * n <= nnz(A), QDLDL otherwise; a ``linear_solver``
             given here is used instead.
-        n_jobs: threads for the batch (default: the number of CPUs).
+        n_jobs: threads for the batch (default None, or -1: the number
+            of CPUs).
         warm_start: start each call from the previous call's solution when
             the batch size is unchanged (default True). With refinement on,
             Newton steps from there usually solve every element without
@@ -130,8 +132,8 @@ class Layer:
                  solver_options=None, n_jobs=None, warm_start=True,
                  presolve=True, refine=True):
         self.problem = problem
-        self.parameters = tuple(parameters)
-        self.variables = tuple(variables)
+        self.parameters = tuple(_compile.as_list(parameters))
+        self.variables = tuple(_compile.as_list(variables))
         self.compiled = compile_problem(problem, self.parameters,
                                         self.variables, presolve=presolve)
         # Whether the solver's matrix A is the same for every theta.
@@ -142,6 +144,7 @@ class Layer:
         if self.refine:
             options.update(_solve.REFINED_SOLVER_OPTIONS)
         options.update(solver_options or {})
+        _solve.check_options(options)
         self.solver_options = options
         # SCS's first, loose pass before refinement uses the backend for
         # its linear systems that suits the shape of A (unless the user
@@ -155,7 +158,7 @@ class Layer:
         # Whether the user limited SCS (inaccurate results then only warn).
         self._user_limits = bool(set(solver_options or {}) & {
             "max_iters", "time_limit_secs", "eps_abs", "eps_rel"})
-        self.n_jobs = int(n_jobs) if n_jobs else (os.cpu_count() or 1)
+        self.n_jobs = _check_n_jobs(n_jobs)
         self.warm_start = bool(warm_start)
         self._last_solution = None
         self._previous_solution = None
@@ -816,8 +819,20 @@ def _unvec_f(flat, shape, batch, batched):
 
 
 def _check_domain(i, name, param, arr, batched):
-    """ValueError if values fall outside the parameter's declared domain."""
+    """ValueError if values fall outside the parameter's declared domain,
+    naming the offending batch elements of batched values."""
     attrs = param.attributes
+    mats = arr if batched else arr[None]
+    flat = mats.reshape(mats.shape[0], -1)
+
+    def where(bad):
+        if not batched:
+            return ""
+        elements = np.flatnonzero(bad)
+        more = "" if elements.size <= 10 else f" (and {elements.size - 10} more)"
+        return (f" in batch element(s) "
+                f"{', '.join(map(str, elements[:10]))}{more}")
+
     checks = {
         "nonneg": (lambda a: a >= 0, "nonnegative"),
         "pos": (lambda a: a > 0, "positive"),
@@ -825,31 +840,53 @@ def _check_domain(i, name, param, arr, batched):
         "neg": (lambda a: a < 0, "negative"),
     }
     for attr, (ok, word) in checks.items():
-        if attrs.get(attr) and not np.all(ok(arr)):
-            worst = arr[~ok(arr)].flat[0]
+        if attrs.get(attr):
+            good = ok(flat)
+            if not np.all(good):
+                worst = flat[~good].flat[0]
+                raise ValueError(
+                    f"Parameter {i} '{name}' is declared {attr}=True but has "
+                    f"entries that are not {word} (e.g. {worst:g})"
+                    f"{where(~good.all(axis=1))}."
+                )
+    if attrs.get("diag") and mats.ndim >= 3:
+        off = ~np.eye(mats.shape[-1], dtype=bool)
+        size = np.abs(mats[:, off]).max(axis=1, initial=0.0)
+        if np.any(size > 0):
             raise ValueError(
-                f"Parameter {i} '{name}' is declared {attr}=True but has "
-                f"entries that are not {word} (e.g. {worst:g})."
-            )
+                f"Parameter {i} '{name}' is declared diag=True but has "
+                f"nonzero entries off the diagonal (largest "
+                f"{size.max():.3g}){where(size > 0)}; pass a diagonal "
+                "matrix.")
     if any(attrs.get(a) for a in ("symmetric", "PSD", "NSD")):
-        mats = arr if batched else arr[None]
-        scale = 1.0 + np.max(np.abs(mats), initial=0.0)
-        asym = np.max(np.abs(mats - np.swapaxes(mats, -1, -2)), initial=0.0)
+        scale = 1.0 + np.abs(flat).max(axis=1, initial=0.0)
+        # Values that single precision represents exactly most likely
+        # came from float32 tensors: their rounding is about 1e-7, not
+        # 1e-16, relative.
+        single = np.array_equal(flat.astype(np.float32), flat)
+        tol = (1e-5 if single else 1e-9) * scale
+        asym = np.abs(mats - np.swapaxes(mats, -1, -2)).reshape(
+            mats.shape[0], -1).max(axis=1, initial=0.0)
         kind = next(a for a in ("PSD", "NSD", "symmetric") if attrs.get(a))
-        if asym > 1e-9 * scale:
+        if np.any(asym > tol):
             raise ValueError(
                 f"Parameter {i} '{name}' is declared {kind}=True but its "
-                f"value is not symmetric (max |X - X'| = {asym:.3g})."
+                f"value is not symmetric (max |X - X'| = {asym.max():.3g})"
+                f"{where(asym > tol)}."
             )
         if kind in ("PSD", "NSD"):
             eig = np.linalg.eigvalsh((mats + np.swapaxes(mats, -1, -2)) / 2)
-            extreme = eig.min() if kind == "PSD" else -eig.max()
-            if extreme < -1e-9 * scale:
-                word = "smallest" if kind == "PSD" else "largest"
+            if kind == "PSD":
+                extreme, word = eig.min(axis=-1), "smallest"
+                bad = extreme < -tol
+            else:
+                extreme, word = eig.max(axis=-1), "largest"
+                bad = extreme > tol
+            if np.any(bad):
+                value = extreme[bad][0]
                 raise ValueError(
                     f"Parameter {i} '{name}' is declared {kind}=True but its "
-                    f"value has {word} eigenvalue "
-                    f"{eig.min() if kind == 'PSD' else eig.max():.3g}."
+                    f"value has {word} eigenvalue {value:.3g}{where(bad)}."
                 )
 
 
@@ -861,3 +898,17 @@ def _transposed(M):
 def _times(D, M_t):
     """D @ M for a dense (batch, k) D, given M' (CSR), as a dense array."""
     return np.asarray(M_t @ D.T).T
+
+
+def _check_n_jobs(n_jobs):
+    """The thread count: n_jobs, or every CPU for None or -1."""
+    if n_jobs is None or (not isinstance(n_jobs, bool)
+                          and isinstance(n_jobs, (int, np.integer))
+                          and n_jobs == -1):
+        return os.cpu_count() or 1
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) \
+            or n_jobs < 1:
+        raise ValueError(
+            f"n_jobs must be a positive integer, or None or -1 for every "
+            f"CPU; got {n_jobs!r}.")
+    return int(n_jobs)

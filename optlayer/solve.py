@@ -56,6 +56,24 @@ SOLVED = 1
 SOLVED_INACCURATE = 2
 
 
+def check_options(options):
+    """Raise ValueError, naming ``solver_options``, if SCS rejects the
+    settings (checked once on a one-variable program, so that a misspelt
+    or outdated name fails when the layer is built, not at its first
+    call)."""
+    data = {"A": sp.csc_matrix(np.ones((1, 1))), "b": np.ones(1),
+            "c": np.ones(1)}
+    try:
+        scs.SCS(data, {"l": 1}, **options)
+    except (TypeError, ValueError) as exc:
+        hint = ""
+        if "eps" in options:
+            hint = (" SCS 3 has no 'eps' setting: use eps_abs and "
+                    "eps_rel.")
+        raise ValueError(
+            f"solver_options were rejected by SCS: {exc}.{hint}") from exc
+
+
 def solve_one(A, b, c, cone, options, warm=None):
     """Solve one cone program; return (x, y, s, status_val, status)."""
     data = {"A": A, "b": b, "c": c}

@@ -218,7 +218,8 @@ def test_sign_domains(attribute, bad, word):
     # A violation in one batch element only.
     batch = np.full((3, 2), good)
     batch[2, 0] = bad
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(ValueError, match=pattern + r".* in batch "
+                                         r"element\(s\) 2\."):
         layer(d, batch)
 
 
@@ -246,11 +247,128 @@ def test_psd_domain():
     with pytest.raises(ValueError, match=pattern):
         layer(np.array([[1.0, 0.0], [0.0, -1.0]]))
     batch = np.stack([np.eye(2), np.diag([1.0, -1.0])])
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(ValueError, match=pattern + r".* in batch "
+                                         r"element\(s\) 1\."):
         layer(batch)
     with pytest.raises(ValueError, match=r"declared PSD=True but its value "
                                          r"is not symmetric"):
         layer(np.array([[1.0, 0.5], [0.0, 1.0]]))
+
+
+def test_single_precision_symmetric_and_psd_values_are_accepted():
+    # float32 products such as M C M' (C symmetric) or K K' are symmetric,
+    # PSD, only up to single-precision rounding (about 1e-7 relative):
+    # accepted, with answers equal to those for the symmetrized value.
+    rng = np.random.default_rng(3)
+    for attribute in ("symmetric", "PSD"):
+        layer = _matrix_domain_layer(attribute)
+        for _ in range(10):
+            M = rng.normal(size=(2, 2)).astype(np.float32)
+            K = rng.normal(size=(2, 1)).astype(np.float32)
+            C = np.array([[1.0, 0.3], [0.3, -2.0]], dtype=np.float32)
+            S = (M @ C @ M.T if attribute == "symmetric" else K @ K.T)
+            S = S.astype(np.float64)
+            (got,) = layer(S)
+            (want,) = layer((S + S.T) / 2)
+            np.testing.assert_allclose(got, want, atol=1e-6)
+    # The same asymmetry in double precision values is still an error.
+    layer = _matrix_domain_layer("symmetric")
+    with pytest.raises(ValueError, match="not symmetric"):
+        layer(np.array([[1.0, 0.1 + 1e-7], [0.1, 1.0]]))
+
+
+def test_diag_parameter_off_diagonal_values():
+    x = cp.Variable(3)
+    D = cp.Parameter((3, 3), diag=True, name="D")
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(D @ x - 1)
+                                     + cp.sum_squares(x)))
+    layer = optlayer.Layer(problem, [D], [x])
+    (got,) = layer(np.diag([1.0, 2.0, 3.0]))
+    d = np.array([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(got, d / (d * d + 1), atol=1e-8)
+    batch = np.stack([np.eye(3), np.ones((3, 3))])
+    with pytest.raises(ValueError, match=r"Parameter 0 'D' is declared "
+                                         r"diag=True but has nonzero entries "
+                                         r"off the diagonal .* in batch "
+                                         r"element\(s\) 1;"):
+        layer(batch)
+
+
+def test_diag_variable_output():
+    # A diagonal matrix variable comes back as the full matrix, zero off
+    # the diagonal: here the diagonal of P.
+    D = cp.Variable((3, 3), diag=True)
+    P = cp.Parameter((3, 3))
+    layer = optlayer.Layer(cp.Problem(cp.Minimize(cp.sum_squares(D - P))),
+                           [P], [D])
+    value = np.arange(9.0).reshape(3, 3)
+    (got,) = layer(value)
+    np.testing.assert_allclose(got, np.diag(np.diag(value)), atol=1e-8)
+
+
+def test_not_dcp():
+    x = cp.Variable(2)
+    a = cp.Parameter(2)
+    problem = cp.Problem(cp.Maximize(cp.sum_squares(x - a)), [x <= 1])
+    with pytest.raises(ValueError, match="not DCP"):
+        optlayer.Layer(problem, [a], [x])
+
+
+def test_complex_problem():
+    a = cp.Parameter(2, complex=True, name="a")
+    x = cp.Variable(2, complex=True, name="x")
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(cp.abs(x - a))),
+                         [cp.real(cp.sum(x)) <= 1])
+    with pytest.raises(ValueError, match=r"Complex parameters or variables "
+                                         r"\('a', 'x'\) are not supported"):
+        optlayer.Layer(problem, [a], [x])
+
+
+def test_single_parameter_and_variable_need_no_list():
+    x = cp.Variable(2)
+    a = cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0])
+    (got,) = optlayer.Layer(problem, a, x)(np.array([1.0, -1.0]))
+    np.testing.assert_allclose(got, [1.0, 0.0], atol=1e-9)
+
+
+@pytest.mark.parametrize("options, pattern", [
+    ({"eps": 1e-6}, r"solver_options were rejected by SCS: 'eps' .* use "
+                    r"eps_abs and eps_rel"),
+    ({"max_iter": 10}, r"solver_options were rejected by SCS: 'max_iter'"),
+])
+def test_bad_solver_options_fail_at_construction(options, pattern):
+    x = cp.Variable(2)
+    a = cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0])
+    with pytest.raises(ValueError, match=pattern):
+        optlayer.Layer(problem, [a], [x], solver_options=options)
+
+
+@pytest.mark.parametrize("n_jobs", [0, -2, 2.5, "2", True])
+def test_bad_n_jobs(n_jobs):
+    x = cp.Variable(2)
+    a = cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0])
+    with pytest.raises(ValueError, match="n_jobs must be a positive "
+                                         "integer, or None or -1"):
+        optlayer.Layer(problem, [a], [x], n_jobs=n_jobs)
+
+
+def test_n_jobs_minus_one_means_every_cpu():
+    # Also on the threaded paths (64 elements of a program with m n >=
+    # 4000), which failed with n_jobs=-1 before.
+    x = cp.Variable(40)
+    A = cp.Parameter((110, 40))
+    b = cp.Parameter(110)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b)), [x >= 0])
+    layer = optlayer.Layer(problem, [A, b], [x], n_jobs=-1)
+    assert layer.n_jobs == (os.cpu_count() or 1)
+    rng = np.random.default_rng(4)
+    As, bs = rng.normal(size=(110, 40)), rng.normal(size=(64, 110))
+    (got,) = layer(As, bs)
+    (want,) = optlayer.Layer(problem, [A, b], [x], n_jobs=1)(As, bs)
+    np.testing.assert_allclose(got, want, atol=1e-8)
 
 
 # -- solver failures -------------------------------------------------------
