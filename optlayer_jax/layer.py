@@ -8,6 +8,7 @@ solution) is carried by JAX as residual arrays, so the layer composes with
 ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
 """
 
+import collections.abc
 import functools
 
 import jax
@@ -73,6 +74,9 @@ class Layer:
     ``vmap`` the indices in a ``SolverError`` refer to the flattened batch
     (mapped axes first, row-major, then the layer's own batch axis).
 
+    Copies: ``copy.deepcopy`` and ``pickle`` work (the core is copied, the
+    ``custom_vjp`` function is rebuilt around the copy).
+
     Limits: first-order reverse mode only. ``jax.jvp`` and ``jax.jacfwd``
     raise JAX's ``TypeError`` for ``custom_vjp`` functions; second
     derivatives (``jax.hessian``, grad of grad) raise ``NotImplementedError``
@@ -101,7 +105,8 @@ class Layer:
     Raises:
         ValueError: at construction, from the core (problem not DPP,
             parameters or variables not matching it); at call time, for a
-            wrong number of inputs or wrong shapes, and (eagerly) for
+            wrong number of inputs or wrong shapes, for a dict of values
+            (values are positional, in parameter order), and (eagerly) for
             non-finite values or values outside a declared domain.
         TypeError: for complex inputs.
         NotImplementedError: when a second derivative is traced.
@@ -110,9 +115,23 @@ class Layer:
 
     def __init__(self, problem, parameters, variables, **options):
         self.core = optlayer.Layer(problem, parameters, variables, **options)
+        self._function = self._custom_vjp()
+
+    def _custom_vjp(self):
         function = jax.custom_vjp(self._primal)
         function.defvjp(self._forward, self._backward)
-        self._function = function
+        return function
+
+    # -- copying: the core pickles; the custom_vjp function is rebuilt ---
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_function"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._function = self._custom_vjp()
 
     @property
     def param_shapes(self):
@@ -137,6 +156,13 @@ class Layer:
         if (len(values) == 1 and isinstance(values[0], (list, tuple))
                 and len(self.core.parameters) != 1):
             values = tuple(values[0])
+        if any(isinstance(v, collections.abc.Mapping) for v in values):
+            names = ", ".join(self.core.compiled.param_names)
+            raise ValueError(
+                "optlayer_jax.Layer takes parameter values positionally, one "
+                "array per parameter, in the layer's parameter order: "
+                f"layer({names}). Got a dict; pass its values in that order."
+            )
         values = tuple(jnp.asarray(v) for v in values)
         # Shapes are static, so a bad call fails here, while tracing.
         self._batch_size(values)

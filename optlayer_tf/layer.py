@@ -9,6 +9,7 @@ primal-dual solution travels from the forward to the backward pass as
 tensors, so no per-call Python state is kept.
 """
 
+import copy
 import inspect
 
 import keras
@@ -52,13 +53,19 @@ class Layer(keras.layers.Layer):
     ``tf.numpy_function``, so the layer cannot be XLA-compiled
     (``supports_jit`` is False), runs on the host, and a model holding it
     cannot be exported as a SavedModel (the Python function is not part of
-    the graph); gradients are first-order only.
+    the graph). Gradients are first-order reverse mode only: the layer's
+    part of a second derivative (nested ``GradientTape``s) or of a
+    forward-mode derivative (``tf.autodiff.ForwardAccumulator``) raises
+    ``NotImplementedError`` instead of being silently dropped.
 
     The CVXPY problem is not serializable: :meth:`get_config` describes the
     layer (parameter and variable names and shapes, the core's options) so
     that a model can be summarized or written to JSON, but
     :meth:`from_config` cannot rebuild it; construct the layer from the
     problem in code and restore weights with ``load_weights``.
+    ``copy.deepcopy`` and ``pickle`` work: the copy is a new layer (not
+    connected to any model) with the same Keras settings around a copy of
+    the core.
 
     Args:
         problem: a DPP ``cvxpy.Problem``.
@@ -86,8 +93,11 @@ class Layer(keras.layers.Layer):
     Raises:
         ValueError: at construction, if the core rejects the problem; when
             called, for inputs of the wrong number or shape (raised while
-            tracing when the shapes are static), or, eagerly, for
+            tracing when the shapes are static; unknown dimensions are
+            shown as None), for complex inputs, or, eagerly, for
             non-finite or out-of-domain values.
+        NotImplementedError: when a second or forward-mode derivative
+            through the layer is asked for.
         optlayer.SolverError: eagerly, if a solve in the batch fails.
         tf.errors.OpError: in graph mode, for errors found while running
             (bad values, failed solves); the core's message is kept.
@@ -97,13 +107,38 @@ class Layer(keras.layers.Layer):
         options = {k: kwargs.pop(k) for k in _CORE_OPTIONS if k in kwargs}
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
-        self.core = optlayer.Layer(problem, parameters, variables, **options)
+        self._setup(
+            optlayer.Layer(problem, parameters, variables, **options),
+            options)
+
+    def _setup(self, core, options):
+        self.core = core
         # Kept for get_config: the options as given, not merged defaults.
         self._options = options
         # tf.numpy_function has no XLA kernel.
         self.supports_jit = False
         # No weights: nothing to build.
         self.built = True
+
+    # -- copying ---------------------------------------------------------
+
+    def __reduce__(self):
+        # Keras copies and pickles layers through its saving library, which
+        # rebuilds them with from_config: impossible here (the problem is
+        # not part of the config). The copy is a new, unconnected layer of
+        # the same class and Keras settings around a copy of the core
+        # (which pickles, compiled problem included), as Keras's own copy
+        # of a layer is. Attributes a subclass adds are not copied.
+        keras_kwargs = {"name": self.name, "trainable": self.trainable,
+                        "dtype": self.dtype_policy, "autocast": self.autocast}
+        return (_rebuild,
+                (type(self), self.core, dict(self._options), keras_kwargs))
+
+    def __deepcopy__(self, memo):
+        rebuild, args = self.__reduce__()
+        copied = rebuild(*copy.deepcopy(args, memo))
+        memo[id(self)] = copied
+        return copied
 
     # -- Keras interface -------------------------------------------------
 
@@ -143,7 +178,16 @@ class Layer(keras.layers.Layer):
 
     def compute_output_spec(self, *values):
         """Output specs for symbolic inputs (shapes and dtype, no solve)."""
+        try:
+            return self._output_spec(values)
+        except ValueError as error:
+            # As in call(): the core's message, not Keras's rewording.
+            error._keras_call_info_injected = True
+            raise
+
+    def _output_spec(self, values):
         values = self._unpack(values)
+        _check_real(self.core, [v.dtype for v in values])
         dtype = _result_dtype([v.dtype for v in values])
         prefix = self._static_batch_prefix(
             [_shape_tuple(v.shape) for v in values])
@@ -198,6 +242,8 @@ class Layer(keras.layers.Layer):
             tensors = [tf.convert_to_tensor(v) for v in values]
         except (TypeError, ValueError):
             tensors = None
+        if tensors is not None:
+            _check_real(self.core, [t.dtype for t in tensors])
         if tensors is None or not all(_is_numeric(t.dtype) for t in tensors):
             # The core words the error (which parameter, which type).
             self.core.batch_size(*values)
@@ -211,16 +257,39 @@ class Layer(keras.layers.Layer):
         """Outputs for float64 tensors, with the core's adjoint as gradient."""
 
         @tf.custom_gradient
+        def backward(*arrays):
+            # The adjoint leaves TensorFlow (NumPy), so an enclosing tape
+            # would see no dependence of the gradient on the inputs and
+            # silently drop the layer's part of a second derivative (or of
+            # a forward-mode derivative); its own gradient refuses instead.
+            n = len(self.core.param_shapes)
+            grads = self._backward(arrays[:n], arrays[n:n + 3],
+                                   arrays[n + 3:])
+
+            def no_second_order(*_):
+                raise NotImplementedError(
+                    "optlayer_tf.Layer has first-order reverse-mode "
+                    "gradients only (one tf.GradientTape); second "
+                    "derivatives (nested tapes) and forward mode "
+                    "(tf.autodiff.ForwardAccumulator) are not available "
+                    "because the backward pass runs in NumPy."
+                )
+
+            return grads, no_second_order
+
+        @tf.custom_gradient
         def solve(*values):
             outputs, state = self._forward(values, prefix)
 
             def grad(*cotangents):
-                # Outputs that do not reach the loss may get no cotangent.
+                # Outputs that do not reach the loss may get no cotangent;
+                # gathers (tf.gather, embedding lookups) give IndexedSlices.
                 cotangents = [
-                    tf.zeros_like(o) if c is None else tf.cast(c, _CORE_DTYPE)
+                    tf.zeros_like(o) if c is None
+                    else tf.cast(tf.convert_to_tensor(c), _CORE_DTYPE)
                     for o, c in zip(outputs, cotangents)
                 ]
-                return self._backward(values, state, cotangents)
+                return backward(*values, *state, *cotangents)
 
             return tuple(outputs), grad
 
@@ -298,7 +367,11 @@ class Layer(keras.layers.Layer):
             else:
                 rest = tuple(1 if d is None else d for d in rest)
             stand_ins.append(np.broadcast_to(np.float64(0.0), lead + rest))
-        batch = self.core.batch_size(*stand_ins)
+        try:
+            batch = self.core.batch_size(*stand_ins)
+        except ValueError as error:
+            raise _with_real_shapes(error, self.core, shapes,
+                                    stand_ins) from None
         if batch is None:
             prefix = ()
         elif len(known) == len(leads):
@@ -306,6 +379,14 @@ class Layer(keras.layers.Layer):
         else:
             prefix = (fill,) if fill != 1 else (None,)
         return prefix
+
+
+def _rebuild(cls, core, options, keras_kwargs):
+    """A layer of class ``cls`` around ``core`` (see Layer.__reduce__)."""
+    layer = cls.__new__(cls)
+    keras.layers.Layer.__init__(layer, **keras_kwargs)
+    layer._setup(core, options)
+    return layer
 
 
 def _shape_tuple(shape):
@@ -316,10 +397,40 @@ def _shape_tuple(shape):
     return tuple(shape.as_list())
 
 
+def _with_real_shapes(error, core, shapes, stand_ins):
+    """``error`` of the core on stand-ins, naming the inputs' real shapes.
+
+    A stand-in has a number where the static shape has None; the core's
+    message would show that made-up number. The returned ValueError shows
+    the shape as received, e.g. ``(None, 3)``.
+    """
+    message = str(error)
+    for i, (name, shape, stand_in) in enumerate(
+            zip(core.compiled.param_names, shapes, stand_ins)):
+        made_up = f"Parameter {i} '{name}' has shape {stand_in.shape}"
+        if shape != stand_in.shape and made_up in message:
+            message = message.replace(
+                made_up, f"Parameter {i} '{name}' has shape {shape}")
+    return error if message == str(error) else ValueError(message)
+
+
 def _is_array_like(value):
     return (tf.is_tensor(value) or isinstance(value, keras.KerasTensor)
             or hasattr(value, "__array__")
             or isinstance(value, (list, tuple)))
+
+
+def _check_real(core, dtypes):
+    """Raise a ValueError naming the first complex input, if any."""
+    for i, (name, dtype) in enumerate(zip(core.compiled.param_names,
+                                          dtypes)):
+        if tf.as_dtype(dtype).is_complex:
+            raise ValueError(
+                f"Parameter {i} '{name}' is complex (dtype "
+                f"{tf.as_dtype(dtype).name}); optlayer takes real values "
+                "(pass the real and imaginary parts as separate real "
+                "parameters)."
+            )
 
 
 def _is_numeric(dtype):

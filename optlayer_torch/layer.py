@@ -40,8 +40,15 @@ class Layer(torch.nn.Module):
     tensor input, floating NumPy arrays keep their dtype and other values
     count as the default dtype. Outputs go to the device of the first tensor
     input not on the CPU (else the CPU). The solve itself always runs in
-    float64 on the CPU. Each gradient has its input's dtype and device.
-    Double backward is not supported.
+    float64 on the CPU (bfloat16 inputs work like float16 ones). Each
+    gradient has its input's dtype and device. Complex values raise a
+    ``ValueError`` naming the parameter.
+
+    Limits: double backward is not supported, and neither are ``torch.func``
+    transforms (``torch.func.grad``, ``vmap``, ``jacrev``, ...; they raise
+    ``NotImplementedError``): the solve runs in NumPy. Use ordinary autograd
+    (``loss.backward()``, ``torch.autograd.grad``) and the layer's own batch
+    dimension instead.
 
     Example:
         >>> import cvxpy as cp, torch, optlayer_torch
@@ -57,7 +64,10 @@ class Layer(torch.nn.Module):
         ValueError: at construction, if the problem is not DPP or the
             parameters or variables do not match the problem; at call time,
             for values of the wrong shape, non-finite values, or values
-            outside a parameter's declared domain (the core's messages).
+            outside a parameter's declared domain (the core's messages),
+            and for complex values.
+        NotImplementedError: for inputs wrapped by a ``torch.func``
+            transform.
         optlayer.SolverError: if any solve in the batch fails.
     """
 
@@ -89,6 +99,23 @@ class Layer(torch.nn.Module):
             variable, with a leading batch dimension if any input has one.
         """
         values = _unpack(values, len(self.core.parameters))
+        names = self.core.compiled.param_names
+        if any(_is_transformed(v) for v in values):
+            raise NotImplementedError(
+                "optlayer_torch.Layer does not support torch.func transforms "
+                "(torch.func.grad, vmap, jacrev, jvp, ...): the solve and its "
+                "adjoint run in NumPy, outside torch. Use ordinary autograd "
+                "(loss.backward() or torch.autograd.grad) for gradients and "
+                "the layer's leading batch dimension instead of vmap."
+            )
+        for i, (name, v) in enumerate(zip(names, values)):
+            if _is_complex(v):
+                dtype = f" (dtype {v.dtype})" if hasattr(v, "dtype") else ""
+                raise ValueError(
+                    f"Parameter {i} '{name}' is complex{dtype}; optlayer "
+                    "takes real values (pass the real and imaginary parts "
+                    "as separate real parameters)."
+                )
         try:
             tensors = tuple(_as_tensor(v) for v in values)
         except (TypeError, ValueError):
@@ -157,6 +184,18 @@ _NUMPY_FLOATS = {np.dtype(np.float16): torch.float16,
                  np.dtype(np.float64): torch.float64}
 
 
+# Tensor dtypes that .numpy() converts; others go through float64 in torch.
+_NUMPY_DTYPES = frozenset((
+    torch.float16, torch.float32, torch.float64, torch.bool, torch.uint8,
+    torch.int8, torch.int16, torch.int32, torch.int64))
+
+try:
+    _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+except AttributeError:  # not in this torch version: nothing to detect
+    def _is_functorch_wrapped(tensor):
+        return False
+
+
 def _unpack(values, num_params):
     """Accept one list or tuple of values, as the core does."""
     if len(values) == 1 and isinstance(values[0], (list, tuple)) and \
@@ -200,8 +239,28 @@ def _to_float64(tensor):
 
     Always a copy: a view would change if the caller later modified the
     tensor in place, and the backward pass must see the forward's values.
+    Dtypes NumPy has no equivalent for (bfloat16, float8) are widened by
+    torch first.
     """
+    if tensor.dtype not in _NUMPY_DTYPES:
+        tensor = tensor.detach().to(dtype=torch.float64)
     return np.array(tensor.numpy(force=True), dtype=np.float64, copy=True)
+
+
+def _is_complex(value):
+    """Whether ``value`` holds complex numbers (which would be truncated)."""
+    if isinstance(value, torch.Tensor):
+        return value.is_complex()
+    try:
+        return bool(np.iscomplexobj(value))
+    except Exception:
+        # Not array-like: the conversion reports it, naming the parameter.
+        return False
+
+
+def _is_transformed(value):
+    """Whether ``value`` is wrapped by a torch.func transform (grad, vmap)."""
+    return isinstance(value, torch.Tensor) and _is_functorch_wrapped(value)
 
 
 def _from_float64(array, dtype, device):

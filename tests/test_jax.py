@@ -7,7 +7,9 @@ differences and closed forms in its own tests. Here ``check_grads`` adds an
 independent finite-difference check through JAX's own machinery.
 """
 
+import copy
 import doctest
+import pickle
 
 import cvxpy as cp
 import numpy as np
@@ -505,6 +507,42 @@ def test_second_derivatives_raise_instead_of_returning_zeros():
             fn(values[0])
     with pytest.raises(TypeError, match="forward-mode"):
         jax.jvp(cubic, (values[0],), (values[0],))
+
+
+def test_dict_of_values_raises_a_clear_error():
+    layer = _layer("qp")
+    q, h, g = _inputs("qp", None, seed=33)
+    names = ", ".join(layer.core.compiled.param_names)
+    for fn in (layer, jax.jit(layer)):
+        with pytest.raises(ValueError, match=(
+                r"positionally, one array per parameter, in the layer's "
+                rf"parameter order: layer\({names}\)")):
+            fn(dict(zip(layer.core.compiled.param_names, (q, h, g))))
+    # Positional values in that order are the core's solution.
+    _assert_all_close(layer(q, h, g), layer.core(q, h, g))
+
+
+def test_deepcopy_and_pickle_give_an_equivalent_layer():
+    case = get_case("socp")
+    problem, params, variables = case.build()
+    layer = optlayer_jax.Layer(problem, params, variables,
+                               **case.layer_kwargs)
+    values = _inputs("socp", 3, seed=34)
+    weights = _cotangents(layer, values, np.random.default_rng(34))
+    expected = layer.core(*values)
+    expected_grads = layer.core.vjp(values, weights)
+    argnums = tuple(range(len(values)))
+    layer(*values)   # a used layer copies as well as a fresh one
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone.core is not layer.core
+        for fn in (clone, jax.jit(clone)):
+            _assert_all_close(fn(*values), expected)
+        loss = _weighted_loss(clone, weights)
+        for grad in (jax.grad(loss, argnums),
+                     jax.jit(jax.grad(loss, argnums))):
+            _assert_all_close(grad(*values), expected_grads)
+    # The original still works after being copied.
+    _assert_all_close(layer(*values), expected)
 
 
 # -- documentation and the seed example -----------------------------------

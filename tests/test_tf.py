@@ -10,8 +10,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import copy  # noqa: E402
 import json  # noqa: E402
+import pickle  # noqa: E402
 import re  # noqa: E402
+import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -186,6 +189,91 @@ def test_unused_output_gets_zero_cotangent():
         _assert_close(got, exp)
 
 
+def test_gathered_outputs_give_indexed_slices_cotangents():
+    # tf.gather (and embedding lookups) send the gradient back as
+    # tf.IndexedSlices; it must equal the gradient of the same selection
+    # written as a dense mask, and the core's.
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_tf.Layer(problem, params, variables)
+    rng = np.random.default_rng(11)
+    A, b = rng.standard_normal((4, 3)), rng.standard_normal((5, 4))
+    rows = [0, 2, 2]
+    mask = np.zeros((5, 3))
+    np.add.at(mask, rows, 1.0)
+    (_, gb_core) = layer.core.vjp([A, b], [mask])
+    assert np.max(np.abs(gb_core)) > 0.1
+
+    def gradients(select):
+        A_t, b_t = tf.constant(A), tf.constant(b)
+        with tf.GradientTape() as tape:
+            tape.watch([A_t, b_t])
+            (x,) = layer(A_t, b_t)
+            loss = tf.reduce_sum(select(x))
+        return tape.gradient(loss, [A_t, b_t])
+
+    dense = gradients(lambda x: x * mask)
+    for select in (lambda x: tf.gather(x, rows),
+                   lambda x: tf.nn.embedding_lookup(x, rows),
+                   lambda x: keras.ops.take(x, rows, axis=0)):
+        for run in (gradients, tf.function(gradients)):
+            got = run(select)
+            for g, d in zip(got, dense):
+                _assert_close(g, d)
+            _assert_close(got[1], gb_core)
+
+
+def test_second_derivatives_raise_instead_of_dropping_the_layer():
+    # x = relu(a): with nested tapes the layer's part of d2/da2 used to be
+    # dropped silently ([6, -6] instead of [8, -6]); it must refuse.
+    x = cp.Variable(2)
+    a = cp.Parameter(2)
+    layer = optlayer_tf.Layer(
+        cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0]), [a], [x])
+    a_np = np.array([1.0, -1.0])
+
+    def second(a_var):
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                (sol,) = layer(a_var)
+                loss = tf.reduce_sum(sol ** 2) + tf.reduce_sum(a_var ** 3)
+            g = inner.gradient(loss, a_var)
+        return g, outer.gradient(g, a_var)
+
+    a_var = tf.Variable(a_np)
+    for run in (second, tf.function(second)):
+        with pytest.raises(NotImplementedError, match="first-order"):
+            run(a_var)
+
+    # A constant cotangent: the layer's part depends on a only through
+    # its values, which must raise too.
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            (sol,) = layer(a_var)
+            loss = tf.reduce_sum(sol)
+        g = inner.gradient(loss, a_var)
+    with pytest.raises(NotImplementedError, match="first-order"):
+        outer.gradient(g, a_var)
+
+    # Forward mode (previously a silent None).
+    with pytest.raises(NotImplementedError, match="first-order"):
+        with tf.autodiff.ForwardAccumulator(a_var, tf.ones(2, tf.float64)):
+            layer(a_var)
+
+    # First-order gradients, also with an outer tape that is not used
+    # through the layer, are unchanged: the core's plus 3 a^2.
+    (sol_core,) = layer.core(a_np)
+    (g_core,) = layer.core.vjp([a_np], [2 * sol_core])
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            (sol,) = layer(a_var)
+            loss = tf.reduce_sum(sol ** 2) + tf.reduce_sum(a_var ** 3)
+        g = inner.gradient(loss, a_var)
+        cube = tf.reduce_sum(a_var ** 3)
+    _assert_close(g, g_core + 3 * a_np ** 2)
+    np.testing.assert_allclose(g, [2.0 + 3.0, 3.0], rtol=1e-8)
+    _assert_close(outer.gradient(cube, a_var), 3 * a_np ** 2)
+
+
 # -- tf.test.compute_gradient -------------------------------------------------
 
 # Central differences with step 1e-6. Truncation error: O(delta^2) = 1e-12
@@ -339,6 +427,59 @@ def test_graph_errors_keep_the_message():
         tf.function(lambda v: layer(v))(tf.ones((2, 3), tf.float64))
 
 
+def test_shape_errors_show_unknown_dimensions_as_none():
+    # The core validates stand-ins for unknown dimensions; the message must
+    # show the shape as received, not the stand-in's made-up numbers.
+    x = cp.Variable(2)
+    lo = cp.Parameter(2, name="lo")
+    layer = optlayer_tf.Layer(
+        cp.Problem(cp.Minimize(cp.sum_squares(x)), [x >= lo]), [lo], [x])
+    expected = ("Parameter 0 'lo' has shape (None, 3); expected (2,) "
+                "(unbatched) or (batch, 2) (batched).")
+    with pytest.raises(ValueError) as error:
+        layer(keras.Input(shape=(3,)))
+    assert str(error.value) == expected
+    call = tf.function(lambda v: layer(v),
+                       input_signature=[tf.TensorSpec((None, 3), tf.float64)])
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        call.get_concrete_function()
+    rank3 = tf.function(lambda v: layer(v), input_signature=[
+        tf.TensorSpec((None, None, 3), tf.float64)])
+    with pytest.raises(ValueError,
+                       match=re.escape("has shape (None, None, 3)")):
+        rank3.get_concrete_function()
+    # Known shapes keep the core's message word for word.
+    with pytest.raises(ValueError) as core_error:
+        layer.core(np.ones((4, 3)))
+    with pytest.raises(ValueError) as error:
+        layer(keras.Input(batch_shape=(4, 3)))
+    assert str(error.value) == str(core_error.value)
+    # A valid unknown batch still gives (None, 2) and the core's numbers.
+    (out,) = layer(keras.Input(shape=(2,)))
+    assert tuple(out.shape) == (None, 2)
+    lows = np.array([[1.0, -1.0], [0.5, 2.0]])
+    (got,) = tf.function(lambda v: layer(v), input_signature=[
+        tf.TensorSpec((None, 2), tf.float64)])(tf.constant(lows))
+    _assert_close(got, layer.core(lows)[0])
+
+
+def test_complex_inputs_raise_naming_the_parameter():
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_tf.Layer(problem, params, variables)
+    A, b = np.ones((4, 3)), np.ones(4)
+    for bad in (b + 1j, tf.constant(b + 1j, tf.complex64)):
+        # Not truncated to the real part (no ComplexWarning either).
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match=re.escape(
+                    "Parameter 1 'b' is complex (dtype complex")):
+                layer(A, bad)
+    with pytest.raises(ValueError, match="Parameter 1 'b' is complex"):
+        layer(keras.Input((4, 3)), keras.Input((4,), dtype="complex64"))
+    # Real values of the same shape work and match the core.
+    _assert_close(layer(A, b)[0], layer.core(A, b)[0])
+
+
 # -- Keras --------------------------------------------------------------------
 
 
@@ -406,6 +547,42 @@ def test_core_and_keras_options_are_routed():
     assert config["solver_options"] == {"max_iters": 4321}
     assert config["n_jobs"] == 1
     json.dumps(config)
+
+
+def test_deepcopy_and_pickle_give_an_equivalent_layer():
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_tf.Layer(problem, params, variables, name="lsq",
+                              n_jobs=1, trainable=False)
+    rng = np.random.default_rng(12)
+    A, b = rng.standard_normal((4, 3)), rng.standard_normal((3, 4))
+    w = rng.standard_normal((3, 3))
+    (x_core,) = layer.core(A, b)
+    grads_core = layer.core.vjp([A, b], [w])
+
+    def outputs_and_grads(lay):
+        inputs = [tf.constant(A), tf.constant(b)]
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            (x,) = lay(*inputs)
+            loss = tf.reduce_sum(x * w)
+        return x, tape.gradient(loss, inputs)
+
+    layer(A, b)   # a used layer copies as well as a fresh one
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert type(clone) is optlayer_tf.Layer and clone is not layer
+        assert clone.core is not layer.core
+        assert clone.name == "lsq" and not clone.trainable
+        assert clone.core.n_jobs == 1
+        assert clone.get_config() == layer.get_config()
+        x, grads = outputs_and_grads(clone)
+        _assert_close(x, x_core)
+        for g, g_core in zip(grads, grads_core):
+            _assert_close(g, g_core)
+        # The graph path works on the copy too.
+        (x_graph,) = tf.function(clone)(tf.constant(A), tf.constant(b))
+        _assert_close(x_graph, x_core)
+    x, grads = outputs_and_grads(layer)
+    _assert_close(x, x_core)
 
 
 # -- the ReLU benchmark -------------------------------------------------------

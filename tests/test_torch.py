@@ -5,8 +5,10 @@ core on the same inputs (outputs and ``Layer.vjp``); ``gradcheck`` adds an
 independent finite-difference check of the gradients through torch.
 """
 
+import copy
 import io
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -218,6 +220,57 @@ def test_non_tensor_inputs():
     assert abs(float(y_pos) - 2.0) < 1e-6 and abs(float(y_neg)) < 1e-6
 
 
+def test_bfloat16_in_bfloat16_out():
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_torch.Layer(problem, params, variables)
+    A, b = _lsq_values(np.random.default_rng(30), batch=3)
+    A16 = torch.tensor(A, dtype=torch.bfloat16, requires_grad=True)
+    b16 = torch.tensor(b, dtype=torch.bfloat16, requires_grad=True)
+    w = np.random.default_rng(31).standard_normal((3, 3))
+    (x,) = layer(A16, b16)
+    assert x.dtype == torch.bfloat16
+    (x * torch.tensor(w, dtype=torch.bfloat16)).sum().backward()
+    assert A16.grad.dtype == b16.grad.dtype == torch.bfloat16
+
+    # The float64 core at the bfloat16-rounded inputs (and weights),
+    # rounded to bfloat16 (8 bits of mantissa: relative error 2^-8).
+    A_r, b_r = A16.detach().double().numpy(), b16.detach().double().numpy()
+    w_r = torch.tensor(w, dtype=torch.bfloat16).double().numpy()
+    (x_core,) = layer.core(A_r, b_r)
+    gA, gb = layer.core.vjp([A_r, b_r], [w_r])
+    assert np.max(np.abs(gb)) > 0.1
+    for got, exp in ((x, x_core), (A16.grad, gA), (b16.grad, gb)):
+        np.testing.assert_allclose(got.detach().double().numpy(), exp,
+                                   rtol=1e-2, atol=1e-2)
+
+    # Without gradients (the direct path) too.
+    with torch.no_grad():
+        (x_ng,) = layer(A16, b16)
+    assert x_ng.dtype == torch.bfloat16
+    np.testing.assert_allclose(x_ng.double().numpy(), x_core, rtol=1e-2,
+                               atol=1e-2)
+
+
+def test_complex_values_raise_naming_the_parameter():
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_torch.Layer(problem, params, variables)
+    A, b = _lsq_values(np.random.default_rng(32))
+    bad_values = [torch.tensor(b + 1j, requires_grad=True),
+                  torch.tensor(b, dtype=torch.complex64),
+                  b + 1j, list(b + 1j)]
+    for bad in bad_values:
+        # Raised, not truncated to the real part with a ComplexWarning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError,
+                               match="Parameter 1 'param[0-9]+' is complex"):
+                layer(torch.tensor(A), bad)
+    # Real values of the same shapes are the core's solution.
+    (x,) = layer(torch.tensor(A), torch.tensor(b))
+    np.testing.assert_allclose(x.numpy(), layer.core(A, b)[0],
+                               rtol=RTOL_CORE, atol=ATOL_CORE)
+
+
 # -- grad bookkeeping ---------------------------------------------------------
 
 
@@ -338,6 +391,40 @@ def test_backward_sees_forward_values():
                                atol=ATOL_CORE)
 
 
+def test_torch_func_transforms_raise_a_clear_error():
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_torch.Layer(problem, params, variables)
+    A, b = _lsq_values(np.random.default_rng(33), batch=2)
+    A_t, b_t = torch.tensor(A), torch.tensor(b)
+
+    def loss(b_):
+        return layer(A_t, b_)[0].sum()
+
+    transforms = [
+        lambda: torch.func.grad(loss)(b_t[0]),
+        lambda: torch.func.vmap(lambda b_: layer(A_t, b_)[0])(b_t),
+        lambda: torch.func.jacrev(lambda b_: layer(A_t, b_)[0])(b_t[0]),
+        lambda: torch.func.vjp(lambda b_: layer(A_t, b_)[0], b_t[0]),
+    ]
+    for transform in transforms:
+        with pytest.raises(NotImplementedError,
+                           match="does not support torch.func transforms"):
+            transform()
+
+    # What the message recommends: ordinary autograd over the layer's batch
+    # gives the core's gradient.
+    b_g = b_t.clone().requires_grad_()
+    (g,) = torch.autograd.grad(layer(A_t, b_g)[0].sum(), [b_g])
+    (_, gb_core) = layer.core.vjp([A, b], [np.ones((2, 3))])
+    np.testing.assert_allclose(g.numpy(), gb_core, rtol=RTOL_CORE,
+                               atol=ATOL_CORE)
+    # A transform over something the layer does not see is unaffected.
+    (x,) = layer(A_t, b_t)
+    scale = torch.func.grad(lambda s: (s * x).sum())(
+        torch.tensor(2.0, dtype=torch.float64))
+    np.testing.assert_allclose(float(scale), float(x.sum()), rtol=1e-12)
+
+
 # -- errors -------------------------------------------------------------------
 
 
@@ -439,6 +526,24 @@ def test_state_dict_round_trip():
     with torch.no_grad():
         got = fresh(inputs)
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_deepcopy_gives_an_equivalent_layer():
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_torch.Layer(problem, params, variables)
+    A, b = _lsq_values(np.random.default_rng(34), batch=3)
+    layer(torch.tensor(A), torch.tensor(b))
+    clone = copy.deepcopy(layer)
+    assert clone.core is not layer.core
+    A_t = torch.tensor(A, requires_grad=True)
+    b_t = torch.tensor(b, requires_grad=True)
+    (x,) = clone(A_t, b_t)
+    x.sum().backward()
+    (x_core,) = layer.core(A, b)
+    gA, gb = layer.core.vjp([A, b], [np.ones((3, 3))])
+    for got, exp in ((x.detach(), x_core), (A_t.grad, gA), (b_t.grad, gb)):
+        np.testing.assert_allclose(got.numpy(), exp, rtol=RTOL_CORE,
+                                   atol=ATOL_CORE)
 
 
 # -- the seed example ---------------------------------------------------------
