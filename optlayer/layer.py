@@ -36,15 +36,17 @@ _WARM_STEPS = 10
 _COLD_STEPS = 20
 _COLD_CHECK = 3
 _COLD_GIVE_UP = 1e4
-# ... where batch * nnz(A) is at least this times (number of cone blocks
-# + 1): a stacked Newton step has a fixed cost of about a tenth of a
-# millisecond per cone block, while SCS's cost per element grows with
-# nnz(A); for a few small programs 10 to 20 steps cost more than SCS and a
-# few polishing steps. (Measured crossovers: a SOCP with 4 cones and 168
-# nonzeros at about 64 elements; the seed's ReLU layer, 1 cone and 42
-# nonzeros, at 40 to 64 elements; least squares, 1 cone and 5,052
-# nonzeros, at 1 element or fewer.)
-_COLD_MIN_WORK = 1500
+# ... for batches of at least _COLD_MIN_BATCH elements where batch *
+# nnz(A) is at least _COLD_MIN_WORK times (number of cone blocks + 1): a
+# stacked Newton step has a fixed cost of about a tenth of a millisecond
+# per cone block, while SCS's cost per element grows with nnz(A); for
+# small batches 10 to 20 steps cost more than SCS and a few polishing
+# steps. (Measured crossovers, with SCS's backend chosen by the shape of
+# A: least squares, 1 cone and 5,052 nonzeros, at 16 to 64 elements; the
+# seed's ReLU layer, 1 cone and 42 nonzeros, at 128 to 300; a SOCP with 4
+# cones and 168 nonzeros above 128.)
+_COLD_MIN_BATCH = 16
+_COLD_MIN_WORK = 4000
 # SCS's tolerance for a second try at elements that did not refine.
 _RESOLVE_EPS = 1e-7
 # Memory for one chunk of the stacked dense adjoint.
@@ -446,6 +448,7 @@ class Layer:
                 logger.debug("warm-started refinement solved %d of %d",
                              batch - todo.size, batch)
         elif (self.refine and self._cold_newton is not False
+              and batch >= _COLD_MIN_BATCH
               and batch * cp_.A_indices.size
               >= _COLD_MIN_WORK * (self._cone_blocks + 1)):
             # No start point: Newton steps from the origin, SCS for the

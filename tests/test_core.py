@@ -290,6 +290,7 @@ def test_forward_from_the_origin_matches_cvxpy(case, monkeypatch):
     import optlayer.layer
 
     monkeypatch.setattr(optlayer.layer, "_COLD_MIN_WORK", 0)
+    monkeypatch.setattr(optlayer.layer, "_COLD_MIN_BATCH", 0)
     problem, params, variables = case.build()
     layer = optlayer.Layer(problem, params, variables, **case.layer_kwargs)
     rng = _rng("forward_origin", case.name)
@@ -342,6 +343,9 @@ def test_cold_newton_solves_least_squares_without_scs(monkeypatch):
     b = cp.Parameter(12)
     problem = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b)), [x >= 0])
     layer = optlayer.Layer(problem, [A, b], [x], warm_start=False)
+    # This program is small enough that the cost rule would leave 32
+    # elements to SCS; the batch-size rule still applies.
+    monkeypatch.setattr(optlayer.layer, "_COLD_MIN_WORK", 0)
     As, bs = rng.normal(size=(32, 12, 8)), rng.normal(size=(32, 12))
     calls = _count_scs_calls(monkeypatch)
     (single,) = layer(As[:1], bs[:1])

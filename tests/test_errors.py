@@ -559,7 +559,7 @@ def test_logging_only_through_optlayer_logger(caplog):
 
 
 @pytest.mark.parametrize("cold_newton", [None, False])
-def test_nearly_infeasible_elements_are_named(cold_newton):
+def test_nearly_infeasible_elements_are_named(cold_newton, monkeypatch):
     # min ||x - a||^2 s.t. x >= p, sum(x) <= u with u = sum(p) - 1e-3 in
     # two elements: infeasible by 1e-3. SCS ends them "solved (inaccurate)"
     # at points that violate x >= p; with the default limits that is a
@@ -575,6 +575,10 @@ def test_nearly_infeasible_elements_are_named(cold_newton):
     layer = optlayer.Layer(problem, [a, p, u], [x], warm_start=False)
     if cold_newton is not None:
         layer._cold_newton = cold_newton
+    else:
+        # Newton steps from the origin even for this small batch.
+        monkeypatch.setattr("optlayer.layer._COLD_MIN_WORK", 0)
+        monkeypatch.setattr("optlayer.layer._COLD_MIN_BATCH", 0)
     A = rng.standard_normal((40, 4)) + 3
     P = rng.standard_normal((40, 4))
     U = P.sum(axis=1) + 1.0
