@@ -245,6 +245,12 @@ class Layer:
         """
         values = self._as_arrays(values)
         batch, batched, theta = self._prepare(values)
+        if batch == 0:
+            # An empty batch: empty outputs, nothing to solve.
+            cp_ = self.compiled
+            state = tuple(np.zeros(shape) for shape in self.state_shapes(0))
+            return tuple(np.zeros((0,) + out.shape)
+                         for out in cp_.outputs), state
         Av, Bv, C, w, _ = self._data(theta)
         if warm_start is None and self.warm_start:
             last = self._last_solution
@@ -293,7 +299,7 @@ class Layer:
                     f"Cotangent {k} for output '{out.name}' has shape "
                     f"{cot.shape}; expected {expected}."
                 )
-            flat = _vec_f(cot, batched).reshape(batch, -1)
+            flat = _vec_f(cot, batched).reshape(batch, out.R.shape[0])
             R_t, R_elim_t = self._R_t[k]
             if out.source == "x":
                 gx += _times(flat, R_t)
@@ -302,6 +308,9 @@ class Layer:
             else:
                 gy += _times(flat, R_t)
         gs = np.zeros_like(gy)
+        if batch == 0:
+            return self._split_gradient(np.zeros((0, theta.shape[1])),
+                                        values, 0, needs_grad)
 
         Av, Bv, C, w, vals_e = self._data(theta)
 
@@ -740,15 +749,13 @@ class Layer:
         if not sizes:
             return None, flags
         batch = distinct.pop() if distinct else 1
-        if batch == 0:
-            raise ValueError("The batch is empty (batch size 0).")
         return batch, flags
 
     def _prepare(self, values):
         """Validate values; return (batch, batched, theta (batch, p + 1))."""
         batch, flags = self._batch_layout(values)
         batched = batch is not None
-        batch = batch or 1
+        batch = 1 if batch is None else batch
         names = self.compiled.param_names
         for i, (arr, param) in enumerate(zip(values, self.parameters)):
             if not np.all(np.isfinite(arr)):
@@ -765,7 +772,8 @@ class Layer:
             _check_domain(i, names[i], param, arr, flags[i])
         blocks = []
         for arr, flag in zip(values, flags):
-            flat = _vec_f(arr, flag).reshape(arr.shape[0] if flag else 1, -1)
+            flat = _vec_f(arr, flag).reshape(arr.shape[0] if flag else 1,
+                                             int(np.prod(arr.shape[flag:])))
             blocks.append(np.broadcast_to(flat, (batch, flat.shape[1])))
         blocks.append(np.ones((batch, 1)))
         theta = np.concatenate(blocks, axis=1)
@@ -808,7 +816,7 @@ def _vec_f(arr, batched):
     if batched:
         axes = (0,) + tuple(range(arr.ndim - 1, 0, -1))
         return np.ascontiguousarray(arr.transpose(axes)).reshape(
-            arr.shape[0], -1)
+            arr.shape[0], int(np.prod(arr.shape[1:])))
     return arr.reshape(-1, order="F")
 
 
@@ -826,7 +834,7 @@ def _check_domain(i, name, param, arr, batched):
     naming the offending batch elements of batched values."""
     attrs = param.attributes
     mats = arr if batched else arr[None]
-    flat = mats.reshape(mats.shape[0], -1)
+    flat = mats.reshape(mats.shape[0], int(np.prod(mats.shape[1:])))
 
     def where(bad):
         if not batched:

@@ -150,9 +150,19 @@ def test_batch_sizes_disagree(relu_layer, relu_values):
 
 
 def test_empty_batch(relu_layer, relu_values):
-    W, b, _ = relu_values
-    with pytest.raises(ValueError, match=r"batch is empty"):
-        relu_layer(W, b, np.zeros((0, 4)))
+    # A batch of size 0 gives empty outputs, and gradients shaped like the
+    # inputs: empty for batched ones, zero for shared ones.
+    W, b, x = relu_values
+    (out,) = relu_layer(W, b, np.zeros((0, 4)))
+    (single,) = relu_layer(W, b, x)
+    assert out.shape == (0,) + single.shape
+    grads = relu_layer.vjp([W, b, np.zeros((0, 4))], [np.zeros(out.shape)])
+    assert grads[2].shape == (0, 4)
+    for g, v in zip(grads[:2], (W, b)):
+        assert g.shape == np.shape(v) and not np.any(g)
+    # The next call with elements is unaffected.
+    (again,) = relu_layer(W, b, x)
+    np.testing.assert_allclose(again, single, atol=1e-12)
 
 
 def test_value_not_numeric(relu_layer, relu_values):

@@ -571,3 +571,21 @@ def test_relu_train_small():
     assert reference["max_grad_error"] == 0.0
     for key in ("forward_time", "backward_time", "wall_time"):
         assert result[key] > 0.0
+
+
+def test_empty_batch_gives_empty_outputs_and_gradients():
+    # A batch of 0 elements (say, an empty last batch): empty outputs, an
+    # empty gradient for the batched input, zero for the shared one.
+    x = cp.Variable(3)
+    a = cp.Parameter(3)
+    c = cp.Parameter()
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)),
+                         [x >= 0, cp.sum(x) <= c])
+    layer = optlayer_torch.Layer(problem, [a, c], [x])
+    a_t = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    c_t = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    (sol,) = layer(a_t, c_t)
+    assert sol.shape == (0, 3)
+    sol.sum().backward()
+    assert a_t.grad.shape == (0, 3)
+    assert c_t.grad.item() == 0.0
