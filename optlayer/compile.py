@@ -124,6 +124,16 @@ def _check_arguments(problem, parameters, variables):
         raise ValueError(
             f"problem must be a cvxpy.Problem, got {type(problem).__name__}."
         )
+    if problem.is_mixed_integer():
+        names = ", ".join(f"'{_name(v)}'" for v in problem.variables()
+                          if v.attributes.get("boolean")
+                          or v.attributes.get("integer"))
+        raise ValueError(
+            f"Integer or boolean variables ({names}) are not supported: "
+            "the solution of a mixed-integer program is piecewise constant "
+            "in the parameters, with no useful gradient. Relax them to "
+            "continuous variables (with bounds such as 0 <= x <= 1)."
+        )
     if not problem.is_dcp():
         raise ValueError(
             "The problem is not DCP (disciplined convex programming): its "

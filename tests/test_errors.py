@@ -324,6 +324,15 @@ def test_not_dcp():
         optlayer.Layer(problem, [a], [x])
 
 
+def test_integer_variables():
+    x = cp.Variable(2, integer=True, name="k")
+    a = cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0])
+    with pytest.raises(ValueError, match=r"Integer or boolean variables "
+                                         r"\('k'\) are not supported"):
+        optlayer.Layer(problem, [a], [x])
+
+
 def test_complex_problem():
     a = cp.Parameter(2, complex=True, name="a")
     x = cp.Variable(2, complex=True, name="x")
