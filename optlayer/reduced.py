@@ -103,18 +103,31 @@ def rmatvec(Ad, Y, shared=False):
     return bmtv(Ad, Y)
 
 
-class _Soc:
-    """One second-order cone block of a stack of points."""
+class _SocGroup:
+    """The second-order cone blocks of one size q, for a stack of points:
+    every array carries the cones on an axis of its own, (B, c, ...), so
+    that each operation is one NumPy call for all c cones of the group.
 
-    def __init__(self, i, j, V):
-        self.i, self.j = i, j
-        t, X = V[:, 0], V[:, 1:]
-        r = np.linalg.norm(X, axis=1)
+    Args:
+        starts: (c,) first rows of the cones.
+        q: their size.
+        V: (B, m) points; the group reads V[:, idx], idx = starts + 0..q-1.
+        first: index of the group's first cone among all second-order
+            cones (for the candidate hard directions, see System).
+    """
+
+    def __init__(self, starts, q, V, first):
+        self.starts, self.q, self.first = starts, q, first
+        self.c = starts.size
+        self.idx = starts[:, None] + np.arange(q)
+        Vb = V[:, self.idx]
+        t, X = Vb[..., 0], Vb[..., 1:]
+        r = np.sqrt(np.einsum("bci,bci->bc", X, X))
         self.inside = r <= t
         polar = (r <= -t) & ~self.inside
         self.general = ~(self.inside | polar)
         safe = np.where(self.general, r, 1.0)
-        self.u = np.where(self.general[:, None], X / safe[:, None], 0.0)
+        self.u = np.where(self.general[..., None], X / safe[..., None], 0.0)
         self.mu = np.where(self.general, 0.5 * (1.0 + t / safe), 0.0)
         # 1 - mu; NaN where it vanishes to rounding (no strict
         # complementarity), so that such elements fail the callers' checks
@@ -122,38 +135,66 @@ class _Soc:
         gap = np.where(self.general, 1.0 - self.mu, 1.0)
         self.gap = np.where(gap > 1e-13, gap, np.nan)
 
+    @property
+    def cands(self):
+        """The slice of the group's e1 directions among the candidates
+        that follow the m rows."""
+        return slice(self.first, self.first + self.c)
+
+    def take(self, Z):
+        """The group's rows of Z (B, m) as (B, c, q)."""
+        return Z[:, self.idx]
+
+    def _dot_u(self, Z):
+        return np.einsum("bci,bci->bc", self.u, Z[..., 1:])
+
     def e1(self, Z):
-        """e1'Z over the block's rows (Z (B, k) or (B, k, n)); 0 if not
-        general."""
-        if Z.ndim == 2:
-            val = Z[:, 0] + np.einsum("bi,bi->b", self.u, Z[:, 1:])
-        else:
-            val = Z[:, 0] + bmtv(Z[:, 1:], self.u)
-        return _C * val
+        """e1'Z per cone for Z (B, c, q): (B, c); 0 if not general."""
+        return _C * (Z[..., 0] + self._dot_u(Z))
 
     def e0(self, Z):
-        """e0'Z for Z (B, k) (0 where not general)."""
-        return _C * (-Z[:, 0] + np.einsum("bi,bi->b", self.u, Z[:, 1:]))
+        """e0'Z per cone for Z (B, c, q) (0 where not general)."""
+        return _C * (-Z[..., 0] + self._dot_u(Z))
 
     def mid(self, Z):
-        """Pm Z for Z (B, k): the x part minus its u component."""
+        """Pm Z per cone for Z (B, c, q): the x part minus its u
+        component."""
         out = Z.copy()
-        out[:, 0] = 0.0
-        out[:, 1:] -= self.u * np.einsum("bi,bi->b", self.u, Z[:, 1:])[:, None]
+        out[..., 0] = 0.0
+        out[..., 1:] -= self.u * self._dot_u(Z)[..., None]
         return out
 
     def vec(self, coef, which):
-        """coef * e1 (which=1) or coef * e0 (which=0), as (B, k)."""
-        out = np.empty((coef.shape[0], self.u.shape[1] + 1))
-        out[:, 0] = _C * coef if which else -_C * coef
-        out[:, 1:] = (_C * coef)[:, None] * self.u
+        """coef * e1 (which=1) or coef * e0 (which=0) per cone, as
+        (B, c, q)."""
+        out = np.empty(coef.shape + (self.q,))
+        out[..., 0] = _C * coef if which else -_C * coef
+        out[..., 1:] = (_C * coef)[..., None] * self.u
         return out
 
     def apply_P(self, Z):
-        """P Z for Z (B, k)."""
-        g = self.general[:, None]
-        general = self.vec(self.e1(Z), 1) + self.mu[:, None] * self.mid(Z)
-        return np.where(self.inside[:, None], Z, np.where(g, general, 0.0))
+        """P Z per cone for Z (B, c, q)."""
+        g = self.general[..., None]
+        general = self.vec(self.e1(Z), 1) + self.mu[..., None] * self.mid(Z)
+        return np.where(self.inside[..., None], Z,
+                        np.where(g, general, 0.0))
+
+
+def _soc_groups(dims, V):
+    """The second-order cones of ``dims`` at the points V, grouped by size
+    (in order of first appearance); a group's cones take consecutive
+    indices among the candidate e1 directions."""
+    by_size = {}
+    for kind, i, j, _ in cones._blocks(dims):
+        if kind == "soc":
+            by_size.setdefault(j - i, []).append(i)
+    groups = []
+    first = 0
+    for q, starts in by_size.items():
+        groups.append(_SocGroup(np.array(starts, dtype=np.intp), q, V,
+                                first))
+        first += len(starts)
+    return groups
 
 
 class Structure:
@@ -172,12 +213,12 @@ class Structure:
         self.lam_diag = np.concatenate(
             [np.ones((B, z)), (V[:, z:self.zl] > 0).astype(float)], axis=1)
         self.generic = []          # (i, j, lam (B, k), U (B, k, k))
-        self.soc = []
+        self.soc = _soc_groups(dims, V)
+        self.nsoc = sum(grp.c for grp in self.soc)
         for kind, i, j, param in cones._blocks(dims):
-            Vb = V[:, i:j]
             if kind == "soc":
-                self.soc.append(_Soc(i, j, Vb))
                 continue
+            Vb = V[:, i:j]
             D = cones.dproj_dual_stack(kind, Vb, param)
             w, U = np.linalg.eigh(0.5 * (D + np.swapaxes(D, 1, 2)))
             self.generic.append((i, j, np.clip(w, 0.0, 1.0), U))
@@ -189,8 +230,8 @@ class Structure:
         for i, j, lam, U in self.generic:
             Ut_z = bmtv(U, Z[:, i:j])
             out[:, i:j] = bmv(U, lam * Ut_z)
-        for blk in self.soc:
-            out[:, blk.i:blk.j] = blk.apply_P(Z[:, blk.i:blk.j])
+        for grp in self.soc:
+            out[:, grp.idx] = grp.apply_P(grp.take(Z))
         return out
 
 
@@ -210,7 +251,7 @@ class System:
             shared = B > 1 and not np.any(Ad[1:] != Ad[:1])
         self.shared = shared
         zl = st.zl
-        nsoc = len(st.soc)
+        nsoc = st.nsoc
         # Candidate hard directions: the m rows of R'A (R = I outside the
         # generic blocks), then one e1 row per second-order cone; rows
         # that differ from A's are kept in ``extra``.
@@ -231,25 +272,30 @@ class System:
             K11 += np.swapaxes(At, 1, 2) @ (G[:, :, None] * At)
             self.gen.append((At, h, inv_gap, G))
         self.soc = []
-        for s, blk in enumerate(st.soc):
-            Ab = Ad[:, blk.i:blk.j]
-            Ax = Ab[:, 1:]
-            hard[:, blk.i:blk.j] = blk.inside[:, None]
-            hard[:, m + s] = blk.general
-            # Middle directions: G = mu / (1 - mu) times the projector.
-            g = blk.mu / blk.gap
+        for grp in st.soc:
+            c, q = grp.c, grp.q
+            # The group's rows of A: (B, c, q, n), or (c, q, n) if shared.
+            Ab = Ad[0][grp.idx] if shared else Ad[:, grp.idx]
+            Ax = Ab[..., 1:, :]
+            hard[:, grp.idx] = grp.inside[..., None]
+            hard[:, m + grp.first:m + grp.first + c] = grp.general
+            # Middle directions: G = mu / (1 - mu) times the projector
+            # I - uu' on the x part, so the cone adds g (Ax'Ax - w w') with
+            # w = Ax'u; summed over the group's cones.
+            g = grp.mu / grp.gap
             if shared:
-                w = blk.u @ Ax[0]
-                AxAx = Ax[0].T @ Ax[0]
+                w = np.einsum("bci,cin->bcn", grp.u, Ax)
             else:
-                w = bmtv(Ax, blk.u)
-                AxAx = np.swapaxes(Ax, 1, 2) @ Ax
-            # e1'A = (A_t + u'A_x) / sqrt 2.
-            extra[m + s] = (_C * (Ab[:, 0] + w))[:, None, :]
-            K11 += g[:, None, None] * AxAx
-            gw = g[:, None] * w
-            K11 -= gw[:, :, None] * w[:, None, :]
-            self.soc.append((Ab, w, g))
+                w = np.einsum("bci,bcin->bcn", grp.u, Ax)
+            # e1'A = (A_t + u'A_x) / sqrt 2, per cone: (B, c, n).
+            extra[m + grp.first] = _C * (Ab[..., 0, :] + w)
+            sg = np.sqrt(g)[:, :, None, None]
+            Mg = (sg * Ax).reshape(B, c * (q - 1), n)
+            K11 += np.swapaxes(Mg, 1, 2) @ Mg
+            gw = g[..., None] * w
+            K11 -= np.swapaxes(gw, 1, 2) @ w
+            Ab_flat = Ab.reshape((c * q, n) if shared else (B, c * q, n))
+            self.soc.append((Ab_flat, w, g))
         self.hard = hard
         self._pin(Ad, shared)
         rest = hard.copy()
@@ -363,12 +409,13 @@ class System:
         """Candidate-direction values R'Z (B, m + nsoc); ``rot`` gives each
         generic block's rotated values."""
         st = self.st
-        out = np.empty((Z.shape[0], st.m + len(st.soc)))
+        out = np.empty((Z.shape[0], st.m + st.nsoc))
         out[:, :st.m] = Z
         for (i, j, _, _), vals in zip(st.generic, rot):
             out[:, i:j] = vals
-        for s, blk in enumerate(st.soc):
-            out[:, st.m + s] = blk.e1(Z[:, blk.i:blk.j])
+        for grp in st.soc:
+            out[:, st.m + grp.first:st.m + grp.first + grp.c] = grp.e1(
+                grp.take(Z))
         return out
 
     def _gather(self, vals):
@@ -395,9 +442,9 @@ class System:
         rhs1 = -F1
         for (At, _, _, G), f in zip(self.gen, rot):
             rhs1 = rhs1 + bmtv(At, G * f)
-        for blk, (Ab, _, g) in zip(st.soc, self.soc):
-            pm = blk.mid(F2[:, blk.i:blk.j])
-            rhs1 = rhs1 + g[:, None] * rmatvec(Ab, pm, self.shared)
+        for grp, (Ab, _, g) in zip(st.soc, self.soc):
+            pm = g[..., None] * grp.mid(grp.take(F2))
+            rhs1 = rhs1 + _rmatvec_group(Ab, pm, self.shared)
         rhs2 = self._gather(self._candidates(F2, rot))
         full1 = rhs1
         if self.any_pin:
@@ -421,14 +468,15 @@ class System:
             t = (bmv(At, dx) - f) * inv_gap
             t = np.where(h, T[:, i:j], t)
             dv[:, i:j] = bmv(U, t)
-        for s, blk in enumerate(st.soc):
-            qb = q[:, blk.i:blk.j]
-            general = (blk.vec(blk.e0(qb), 0)
-                       + blk.mid(qb) / blk.gap[:, None]
-                       + blk.vec(T[:, st.m + s], 1))
-            dv[:, blk.i:blk.j] = np.where(
-                blk.inside[:, None], T[:, blk.i:blk.j],
-                np.where(blk.general[:, None], general, qb))
+        for grp in st.soc:
+            qb = grp.take(q)
+            Tm = T[:, st.m:][:, grp.cands]
+            general = (grp.vec(grp.e0(qb), 0)
+                       + grp.mid(qb) / grp.gap[..., None]
+                       + grp.vec(Tm, 1))
+            dv[:, grp.idx] = np.where(
+                grp.inside[..., None], grp.take(T),
+                np.where(grp.general[..., None], general, qb))
         return dx, dv
 
     def adjoint(self, g1, g2):
@@ -446,15 +494,15 @@ class System:
                             self.shared)
         for (At, _, inv_gap, _), h in zip(self.gen, rot):
             rhs1 = rhs1 + bmtv(At, h * inv_gap)
-        for blk, (Ab, _, _) in zip(st.soc, self.soc):
-            gb = g2[:, blk.i:blk.j]
+        for grp, (Ab, _, _) in zip(st.soc, self.soc):
+            gb = grp.take(g2)
             # Polar: every direction soft with lam = 0; general: e0 (lam 0)
             # and the middle (mu).
-            soft = (blk.vec(blk.e0(gb), 0)
-                    + blk.mid(gb) / blk.gap[:, None])
-            soft = np.where(blk.general[:, None], soft,
-                            np.where(blk.inside[:, None], 0.0, gb))
-            rhs1 = rhs1 + rmatvec(Ab, soft, self.shared)
+            soft = (grp.vec(grp.e0(gb), 0)
+                    + grp.mid(gb) / grp.gap[..., None])
+            soft = np.where(grp.general[..., None], soft,
+                            np.where(grp.inside[..., None], 0.0, gb))
+            rhs1 = rhs1 + _rmatvec_group(Ab, soft, self.shared)
         rhs2 = self._gather(self._candidates(g2, rot))
         full1 = rhs1
         if self.any_pin:
@@ -482,16 +530,26 @@ class System:
             q = (hv - lam * bmv(At, r1)) * inv_gap
             q = np.where(h, P[:, i:j], q)
             r2[:, i:j] = bmv(U, q)
-        for s, blk in enumerate(st.soc):
-            gb, ab = g2[:, blk.i:blk.j], Ar[:, blk.i:blk.j]
-            general = (blk.vec(blk.e0(gb), 0)
-                       + blk.mid(gb - blk.mu[:, None] * ab)
-                       / blk.gap[:, None]
-                       + blk.vec(P[:, st.m + s], 1))
-            r2[:, blk.i:blk.j] = np.where(
-                blk.inside[:, None], P[:, blk.i:blk.j],
-                np.where(blk.general[:, None], general, gb))
+        for grp in st.soc:
+            gb, ab = grp.take(g2), grp.take(Ar)
+            Pm = P[:, st.m:][:, grp.cands]
+            general = (grp.vec(grp.e0(gb), 0)
+                       + grp.mid(gb - grp.mu[..., None] * ab)
+                       / grp.gap[..., None]
+                       + grp.vec(Pm, 1))
+            r2[:, grp.idx] = np.where(
+                grp.inside[..., None], grp.take(P),
+                np.where(grp.general[..., None], general, gb))
         return r1, r2
+
+
+def _rmatvec_group(Ab, Z, shared):
+    """sum over a group's cones of A_c' z_c: Ab (B, c q, n) or, shared,
+    (c q, n); Z (B, c, q)."""
+    flat = Z.reshape(Z.shape[0], -1)
+    if shared:
+        return flat @ Ab
+    return bmtv(Ab, flat)
 
 
 def _solve(K, rhs, singular_ok=False):

@@ -510,7 +510,14 @@ def test_batch_psd_larger_orders():
                                    atol=1e-12)
 
 
-def test_reduced_structure_applies_the_projection_derivative():
+# Second-order cones of distinct sizes, and of repeated sizes in an
+# interleaved order (the reduced systems treat the cones of one size
+# together).
+SOC_LAYOUTS = [(1, 2, 4, 5), (3, 1, 3, 4, 3, 1, 4)]
+
+
+@pytest.mark.parametrize("soc", SOC_LAYOUTS, ids=str)
+def test_reduced_structure_applies_the_projection_derivative(soc):
     # The reduced systems apply P = DPi_{K*} blockwise in closed form
     # (second-order cones through e1, e0 and the middle projector, other
     # cones through an eigendecomposition); check P z against the sparse
@@ -518,13 +525,16 @@ def test_reduced_structure_applies_the_projection_derivative():
     from optlayer import reduced
 
     rng = np.random.default_rng(0)
-    dims = ConeDims(zero=2, nonneg=3, soc=(1, 2, 4, 5), psd=(2,), exp=1,
+    dims = ConeDims(zero=2, nonneg=3, soc=soc, psd=(2,), exp=1,
                     power=(0.3,))
-    m = 2 + 3 + 12 + 3 + 3 + 3
+    m = 2 + 3 + sum(soc) + 3 + 3 + 3
     V = rng.normal(size=(40, m))
     V[:8, 5] = 9.0      # first SOC inside
     V[8:16, 5] = -9.0   # ... and in the polar
-    V[:, 7] = 1.0       # (t, x) of the 2-d SOC: inside
+    if soc[:2] == (1, 2):
+        V[:, 7] = 1.0   # (t, x) of the 2-d SOC: inside
+    else:
+        V[16:24, 9] = 9.0   # the second cone of size 3: inside
     Z = rng.normal(size=(40, m))
     got = reduced.Structure(V, dims).apply_P(Z)
     for b in range(40):
@@ -532,21 +542,29 @@ def test_reduced_structure_applies_the_projection_derivative():
         np.testing.assert_allclose(got[b], D @ Z[b], atol=1e-12)
 
 
-def test_reduced_solves_match_the_full_jacobian():
+@pytest.mark.parametrize("soc", SOC_LAYOUTS, ids=str)
+@pytest.mark.parametrize("shared", [False, True])
+def test_reduced_solves_match_the_full_jacobian(soc, shared):
     # Newton step and adjoint from the reduced system equal direct solves
     # with J = [[0, A'P], [-A, I - P]] and J' wherever J is well
-    # conditioned (random data, all cone kinds, hard and soft directions).
+    # conditioned (random data, all cone kinds, hard and soft directions;
+    # one A per element, or one for all).
     from optlayer import reduced
 
     rng = np.random.default_rng(1)
-    dims = ConeDims(zero=2, nonneg=3, soc=(1, 2, 4, 5), psd=(2,), exp=1)
-    m, n, B = 2 + 3 + 12 + 3 + 3, 10, 40
+    dims = ConeDims(zero=2, nonneg=3, soc=soc, psd=(2,), exp=1)
+    # n large enough for J to be nonsingular for most points: about the
+    # number of hard directions.
+    m, n, B = 2 + 3 + sum(soc) + 3 + 3, 10 if len(soc) < 5 else 20, 40
     V = rng.normal(size=(B, m))
     V[:8, 5] = 9.0
     V[8:16, 5] = -9.0
     st = reduced.Structure(V, dims)
-    Ad = rng.normal(size=(B, m, n))
-    system = reduced.System(Ad, st)
+    if shared:
+        Ad = np.broadcast_to(rng.normal(size=(m, n)), (B, m, n)).copy()
+    else:
+        Ad = rng.normal(size=(B, m, n))
+    system = reduced.System(Ad, st, shared)
     F1, F2 = rng.normal(size=(B, n)), rng.normal(size=(B, m))
     g1, g2 = rng.normal(size=(B, n)), rng.normal(size=(B, m))
     dx, dv = system.newton(F1, F2)
