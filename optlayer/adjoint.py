@@ -30,6 +30,8 @@ problem is degenerate (more null directions) the bordered solve fails its
 residual check and a least-squares solve (minimum norm) is used instead.
 """
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
@@ -43,6 +45,13 @@ DENSE_LIMIT = 400
 # Newton refinement costs a dense N^3 solve per step and element; above
 # this size SCS alone (at tight tolerance) is cheaper.
 REFINE_LIMIT = 400
+# Where the sparse bordered system of a larger program is singular, the
+# dense adjoint takes over up to this n + m + 1 (about 0.1 s per element
+# at the limit).
+DENSE_FALLBACK_LIMIT = 2000
+# Smallest LU pivot, relative to the largest, of a bordered system taken
+# as nonsingular.
+_SINGULAR_PIVOT = 1e-11
 # Relative residual above which a solve is not trusted.
 RESIDUAL_TOL = 1e-7
 
@@ -109,6 +118,27 @@ def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims):
     z = np.concatenate([x, v, [1.0]])
     pi = np.concatenate([x, y, [1.0]])
     r = _solve_bordered(MT, z, pi, g)
+    if r is None:
+        if N <= DENSE_FALLBACK_LIMIT:
+            # Singular bordered system (degenerate program, non-unique
+            # auxiliary variables): the dense adjoint, whose reduced
+            # system is solved regularized and checked against J'.
+            rows = A.indices
+            cols = np.repeat(np.arange(n), np.diff(A.indptr))
+            out = adjoint_dense(A.data[None], rows, cols, b[None], c[None],
+                                x[None], y[None], s[None], gx[None],
+                                gy[None], gs[None], dims)
+            return tuple(a[0] for a in out)
+        # Known limit: for large degenerate programs only LSQR remains;
+        # its answer is checked but may be inaccurate.
+        r = spla.lsqr(MT, g, atol=1e-14, btol=1e-14, iter_lim=20 * N)[0]
+        residual = np.linalg.norm(MT @ r - g)
+        if not residual <= 1e-6 * np.linalg.norm(g):
+            warnings.warn(
+                "The backward pass of a large degenerate cone program did "
+                f"not converge (relative residual "
+                f"{residual / np.linalg.norm(g):.1e}); its gradient may be "
+                "inaccurate.", RuntimeWarning, stacklevel=2)
 
     rx, ry, rw = r[:n], r[n:n + m], r[-1]
     rows = A.indices
@@ -120,11 +150,9 @@ def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims):
 
 
 def _solve_bordered(MT, z, pi, g):
-    """Solve M' r = g, removing the known null directions, robustly.
-
-    A sparse LU of the bordered matrix; when it is singular or its solution
-    fails the residual check (a degenerate program), LSQR on M' itself.
-    """
+    """Solve M' r = g, removing the known null directions: a sparse LU of
+    the bordered matrix; None when it is singular or its solution fails
+    the residual check (a degenerate program)."""
     N = MT.shape[0]
     norm_g = np.linalg.norm(g)
     K = sp.bmat(
@@ -134,6 +162,13 @@ def _solve_bordered(MT, z, pi, g):
     )
     try:
         lu = spla.splu(K)
+        pivots = np.abs(lu.U.diagonal())
+        if not pivots.min() > _SINGULAR_PIVOT * pivots.max():
+            # Numerically singular (seen: 1e-16 on degenerate programs,
+            # 4e-3 or more on the test problems): LU's answer then carries
+            # an arbitrary component that changes the gradient, even when
+            # it passes the residual check.
+            return None
         r = lu.solve(np.append(g, 0.0))[:N]
         if np.all(np.isfinite(r)) and (
             np.linalg.norm(MT @ r - g) <= RESIDUAL_TOL * norm_g
@@ -141,8 +176,7 @@ def _solve_bordered(MT, z, pi, g):
             return r
     except RuntimeError:
         pass
-    r = spla.lsqr(MT, g, atol=1e-14, btol=1e-14, iter_lim=20 * N)[0]
-    return r
+    return None
 
 
 # -- batched dense path ------------------------------------------------------

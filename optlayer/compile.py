@@ -18,6 +18,7 @@ needed once this record is built.
 """
 
 import dataclasses
+import warnings
 
 import cvxpy as cp
 from cvxpy.lin_ops.lin_op import CONSTANT_ID as _CONSTANT_ID
@@ -329,6 +330,28 @@ def _constraint_rows(param_prob):
     return rows, offset
 
 
+def _dual_part(constraint, var, value):
+    """The entries of ``var``, one of ``constraint``'s dual variables, in
+    CVXPY's dual value of the constraint, flattened column-major. (Cone
+    constraints such as SOC, ExpCone and PowCone3D have several dual
+    variables; CVXPY gives their values as a list, one part each.)"""
+    duals = constraint.dual_variables
+    k = next(i for i, dual in enumerate(duals) if dual is var)
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(duals):
+            raise ValueError(
+                f"The dual variable of constraint '{constraint}' cannot be "
+                "recovered from the cone program.")
+        value = value[k]
+    elif len(duals) > 1 and np.size(value) != var.size:
+        # One array for all parts: split it in the dual variables' order.
+        sizes = [dual.size for dual in duals]
+        flat = np.ravel(np.asarray(value, dtype=float), order="F")
+        start = int(sum(sizes[:k]))
+        value = flat[start:start + var.size]
+    return np.reshape(np.asarray(value, dtype=float), var.size, order="F")
+
+
 def _dual_output(chain, inverse_data, param_prob, problem, var, m, n):
     """The sparse map from the solver's y to a constraint's dual variable."""
     constraint = _owning_constraint(problem, var)
@@ -365,8 +388,7 @@ def _dual_output(chain, inverse_data, param_prob, problem, var, m, n):
                 f"The dual variable of constraint '{constraint}' cannot be "
                 "recovered from the cone program."
             )
-        value = np.reshape(np.asarray(value, dtype=float), var.size,
-                           order="F")
+        value = _dual_part(constraint, var, value)
         nz = np.flatnonzero(value)
         rows.extend(nz)
         cols.extend(np.full(nz.size, start + k))
@@ -392,12 +414,32 @@ def compile_problem(problem, parameters, variables, presolve=True):
             part of the problem.
     """
     parameters, variables = _check_arguments(problem, parameters, variables)
-    data, chain, inverse_data = problem.get_problem_data(
-        cp.SCS, solver_opts={"use_quad_obj": False}
-    )
+    not_dpp = ValueError(
+        "CVXPY compiles this problem as not DPP for a cone solver, although "
+        "problem.is_dpp() is True (a parameter inside a quadratic form, "
+        "such as quad_form(x - p, P), is one such case). Rewrite it so "
+        "that parameters enter affinely, e.g. expand quad_form(x - p, P) "
+        "into quad_form(x, P) - 2 (P @ p) @ x.")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            data, chain, inverse_data = problem.get_problem_data(
+                cp.SCS, solver_opts={"use_quad_obj": False}
+            )
+        except cp.error.ParameterError as exc:
+            raise not_dpp from exc
+    if any("not DPP" in str(w.message) for w in caught):
+        raise not_dpp
+    for w in caught:       # anything else CVXPY had to say
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     param_prob = data[cp.settings.PARAM_PROB]
     n = int(param_prob.x.size)
-    S, offsets = _param_map(chain, parameters, param_prob)
+    try:
+        S, offsets = _param_map(chain, parameters, param_prob)
+    except KeyError as exc:
+        # CVXPY kept no map for a parameter: it compiled the problem as
+        # not DPP (possibly earlier, with its result cached).
+        raise not_dpp from exc
 
     # Objective: rows 0..n-1 of q are c, row n is the constant offset.
     Tq = sp.csr_matrix(param_prob.q) @ S

@@ -626,3 +626,26 @@ def test_inaccurate_failures_suggest_rescaling():
         check_statuses([SOLVED, -2], ["solved", "infeasible"], True)
     assert "rescale" not in str(info.value)
     assert list(info.value.elements) == [1]
+
+
+def test_parameter_inside_a_quadratic_form():
+    # problem.is_dpp() is True, but CVXPY compiles quad_form(x - p, P) as
+    # not DPP for cone solvers: a clear error with the rewriting, with or
+    # without a value for p, also on a second attempt (CVXPY caches).
+    x = cp.Variable(2)
+    p = cp.Parameter(2)
+    P = np.array([[1.0, 0.2], [0.2, 2.0]])
+    problem = cp.Problem(cp.Minimize(cp.quad_form(x - p, P)),
+                         [cp.abs(x) <= 5])
+    for value in (None, np.array([1.0, 2.0])):
+        p.value = value
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(ValueError, match=r"not DPP for a cone "
+                                                 r"solver.*quad_form\(x, P\)"):
+                optlayer.Layer(problem, [p], [x])
+    # The rewriting works and gives the projection in the P-norm.
+    rewritten = cp.Problem(cp.Minimize(cp.quad_form(x, P) - 2 * (P @ p) @ x),
+                           [cp.abs(x) <= 5])
+    (got,) = optlayer.Layer(rewritten, [p], [x])(np.array([1.0, 2.0]))
+    np.testing.assert_allclose(got, [1.0, 2.0], atol=1e-8)
