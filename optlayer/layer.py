@@ -243,6 +243,10 @@ class Layer:
             solver's primal-dual solution, each of shape (batch, size), which
             :meth:`adjoint` takes back.
         """
+        with _blas_single_thread():
+            return self._solve(values, warm_start)
+
+    def _solve(self, values, warm_start):
         values = self._as_arrays(values)
         batch, batched, theta = self._prepare(values)
         if batch == 0:
@@ -282,6 +286,10 @@ class Layer:
             A tuple with one gradient per parameter, shaped like its input
             value (summed over the batch for unbatched inputs).
         """
+        with _blas_single_thread():
+            return self._adjoint(values, state, cotangents, needs_grad)
+
+    def _adjoint(self, values, state, cotangents, needs_grad):
         values = self._as_arrays(values)
         batch, batched, theta = self._prepare(values)
         cp_ = self.compiled
@@ -409,15 +417,19 @@ class Layer:
 
     def _map(self, fn, items):
         items = list(items)
+        # BLAS runs on one thread throughout. In the workers, BLAS threads
+        # would only compete with the other workers (OpenBLAS's thread
+        # count is process-wide, so it is limited around the whole map).
+        # On the calling thread, the stacked products are small: BLAS
+        # threads gain little there, and when another process keeps a
+        # core busy their spin-waits stall every call (seen: 16 least
+        # squares elements, 30 ms alone, took 6 s beside a busy process).
+        # (solve and adjoint set the limit for the whole call.)
         if self.n_jobs <= 1 or len(items) <= 1:
             return [fn(i) for i in items]
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.n_jobs)
-        # The workers already use every core: BLAS threads inside them
-        # would only compete (OpenBLAS's thread count is process-wide, so
-        # it is limited around the whole map).
-        with _blas_single_thread():
-            return list(self._pool.map(fn, items))
+        return list(self._pool.map(fn, items))
 
     def __getstate__(self):
         state = dict(self.__dict__)
