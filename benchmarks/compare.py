@@ -65,6 +65,8 @@ Workloads
           ``b_i`` parameters (batched).
 ``relu``  the seed's ReLU layer 20 -> 20; ``W`` and ``b`` unbatched (shared),
           ``x`` batched; batch 300 only (so it has no per-element fit).
+``socp40`` (only when asked for) the ``socp`` workload with 40 cones
+          ``||A_i x + b_i|| <= 1`` instead of 3.
 """
 
 import argparse
@@ -94,6 +96,9 @@ REFERENCE_OPTIONS = {
 FALLBACK_TOLERANCES = (1e-12, 1e-11, 1e-10, 1e-9)
 RELU_BATCH = 300
 WORKLOADS = ("lp", "nnls", "socp", "relu")
+# Run only when named in --workloads.
+EXTRA_WORKLOADS = ("socp40",)
+ALL_WORKLOADS = WORKLOADS + EXTRA_WORKLOADS
 
 
 # ----------------------------------------------------------------------------
@@ -174,6 +179,8 @@ BUILDERS = {
     "nnls": (build_nnls, sample_nnls),
     "socp": (build_socp, sample_socp),
     "relu": (build_relu, sample_relu),
+    "socp40": (lambda: build_socp(k=40),
+               lambda rng, batch: sample_socp(rng, batch, k=40)),
 }
 
 
@@ -298,7 +305,7 @@ def run(workloads, batch_sizes, repeats, seed=0):
         layers = make_layers(builder, CvxpyLayer is not None)
         sizes = [RELU_BATCH] if name == "relu" else batch_sizes
         for batch in sizes:
-            rng = np.random.default_rng([seed, batch, WORKLOADS.index(name)])
+            rng = np.random.default_rng([seed, batch, ALL_WORKLOADS.index(name)])
             values = sampler(rng, batch)
             ref, ref_tol, replaced = reference(builder, values, batch)
             weight = torch.tensor(rng.standard_normal(ref.shape),
@@ -417,7 +424,8 @@ def parse_args(argv=None):
                     "peak NumPy-side memory, error vs a Clarabel reference.")
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help="comma-separated subset of "
-                             f"{','.join(WORKLOADS)}")
+                             f"{','.join(ALL_WORKLOADS)} (default: "
+                             f"{','.join(WORKLOADS)})")
     parser.add_argument("--batch-sizes", default="1,16,128",
                         help="comma-separated batch sizes (relu always "
                              f"uses {RELU_BATCH})")
@@ -428,9 +436,10 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w]
-    unknown = sorted(set(args.workloads) - set(WORKLOADS))
+    unknown = sorted(set(args.workloads) - set(ALL_WORKLOADS))
     if unknown:
-        parser.error(f"unknown workloads {unknown}; choose from {WORKLOADS}")
+        parser.error(f"unknown workloads {unknown}; choose from "
+                     f"{ALL_WORKLOADS}")
     if args.quick:
         args.batch_sizes, args.repeats = "1,16,128", 1
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
