@@ -161,6 +161,8 @@ def _solve_bordered(MT, z, pi, g):
         format="csc",
     )
     try:
+        # Known limit: on a singular K, SuperLU's BLAS prints an "illegal
+        # value" message to stdout.
         lu = spla.splu(K)
         pivots = np.abs(lu.U.diagonal())
         if not pivots.min() > _SINGULAR_PIVOT * pivots.max():
@@ -256,6 +258,9 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims):
     B, n = X.shape
     m = Y.shape[1]
     V = Y - S
+    # Known limit: points without strict complementarity (a cone's apex,
+    # y = s = 0 on a block) are not detected; their gradient can depend on
+    # which optimal dual the solve found.
     st = _reduced.Structure(V, dims)
     Ad = _reduced.dense_A(Av, rows, cols, m, n)
     g2 = st.apply_P(GY + GS) - GS

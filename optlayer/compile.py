@@ -423,6 +423,9 @@ def compile_problem(problem, parameters, variables, presolve=True):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            # Known limit: quadratic objectives become second-order cones
+            # (SCS's quadratic objective P is not supported yet), which
+            # SCS cannot solve accurately for data of size 100 or more.
             data, chain, inverse_data = problem.get_problem_data(
                 cp.SCS, solver_opts={"use_quad_obj": False}
             )
