@@ -133,7 +133,7 @@ def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims):
         # its answer is checked but may be inaccurate.
         r = spla.lsqr(MT, g, atol=1e-14, btol=1e-14, iter_lim=20 * N)[0]
         residual = np.linalg.norm(MT @ r - g)
-        if not residual <= 1e-6 * np.linalg.norm(g):
+        if not residual <= RESIDUAL_TOL * np.linalg.norm(g):
             warnings.warn(
                 "The backward pass of a large degenerate cone program did "
                 f"not converge (relative residual "

@@ -334,21 +334,20 @@ def _dual_part(constraint, var, value):
     """The entries of ``var``, one of ``constraint``'s dual variables, in
     CVXPY's dual value of the constraint, flattened column-major. (Cone
     constraints such as SOC, ExpCone and PowCone3D have several dual
-    variables; CVXPY gives their values as a list, one part each.)"""
+    variables; CVXPY's inversion gives one array for all of them.)"""
     duals = constraint.dual_variables
     k = next(i for i, dual in enumerate(duals) if dual is var)
-    if isinstance(value, (list, tuple)):
-        if len(value) != len(duals):
-            raise ValueError(
-                f"The dual variable of constraint '{constraint}' cannot be "
-                "recovered from the cone program.")
-        value = value[k]
-    elif len(duals) > 1 and np.size(value) != var.size:
-        # One array for all parts: split it in the dual variables' order.
+    if len(duals) > 1 and np.size(value) != var.size:
+        # One array for all parts (as CVXPY's inversion gives it): split it
+        # in the dual variables' order.
         sizes = [dual.size for dual in duals]
         flat = np.ravel(np.asarray(value, dtype=float), order="F")
         start = int(sum(sizes[:k]))
         value = flat[start:start + var.size]
+    if np.size(value) != var.size:
+        raise ValueError(
+            f"The dual variable of constraint '{constraint}' cannot be "
+            "recovered from the cone program.")
     return np.reshape(np.asarray(value, dtype=float), var.size, order="F")
 
 

@@ -417,14 +417,9 @@ class Layer:
 
     def _map(self, fn, items):
         items = list(items)
-        # BLAS runs on one thread throughout. In the workers, BLAS threads
-        # would only compete with the other workers (OpenBLAS's thread
-        # count is process-wide, so it is limited around the whole map).
-        # On the calling thread, the stacked products are small: BLAS
-        # threads gain little there, and when another process keeps a
-        # core busy their spin-waits stall every call (seen: 16 least
-        # squares elements, 30 ms alone, took 6 s beside a busy process).
-        # (solve and adjoint set the limit for the whole call.)
+        # BLAS is limited to one thread by solve and adjoint (see
+        # _blas_single_thread): threads inside the workers would only
+        # compete with them.
         if self.n_jobs <= 1 or len(items) <= 1:
             return [fn(i) for i in items]
         if self._pool is None:
@@ -721,6 +716,11 @@ class Layer:
             )
         arrays = []
         for i, value in enumerate(values):
+            if np.iscomplexobj(value):
+                dtype = getattr(value, "dtype", None)
+                raise complex_value_error(i, self.compiled.param_names[i],
+                                          None if dtype is None
+                                          else str(dtype))
             try:
                 arr = np.asarray(value, dtype=np.float64)
             except (TypeError, ValueError) as exc:
@@ -815,7 +815,12 @@ _CONTROLLER = None
 
 
 def _blas_single_thread():
-    """A context limiting BLAS libraries to one thread each."""
+    """A context limiting BLAS libraries to one thread each, for a whole
+    solve or adjoint. (OpenBLAS's thread count is process-wide. The stacked
+    products are small, so BLAS threads gain little even on the calling
+    thread, and when another process keeps a core busy their spin-waits
+    stall every call: 16 least-squares elements, 35 ms alone, took 6 s
+    beside a busy process.)"""
     global _CONTROLLER
     if _CONTROLLER is None:
         # Created on first use, after the BLAS libraries are loaded.
@@ -913,6 +918,17 @@ def _check_domain(i, name, param, arr, batched):
                 )
 
 
+def complex_value_error(i, name, dtype=None):
+    """The error for a complex value given for parameter i (the adapters
+    raise it too, before their own conversion would drop the imaginary
+    part)."""
+    what = f" (dtype {dtype})" if dtype else ""
+    return ValueError(
+        f"Parameter {i} '{name}' is complex{what}; optlayer takes real "
+        "values (pass the real and imaginary parts as separate real "
+        "parameters).")
+
+
 def _transposed(M):
     """M' in CSR form."""
     return sp.csr_matrix(M.T)
@@ -925,13 +941,13 @@ def _times(D, M_t):
 
 def _check_n_jobs(n_jobs):
     """The thread count: n_jobs, or every CPU for None or -1."""
-    if n_jobs is None or (not isinstance(n_jobs, bool)
-                          and isinstance(n_jobs, (int, np.integer))
-                          and n_jobs == -1):
-        return os.cpu_count() or 1
-    if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) \
-            or n_jobs < 1:
+    valid = (isinstance(n_jobs, (int, np.integer))
+             and not isinstance(n_jobs, bool)
+             and (n_jobs >= 1 or n_jobs == -1))
+    if n_jobs is not None and not valid:
         raise ValueError(
             f"n_jobs must be a positive integer, or None or -1 for every "
             f"CPU; got {n_jobs!r}.")
+    if n_jobs is None or n_jobs == -1:
+        return os.cpu_count() or 1
     return int(n_jobs)

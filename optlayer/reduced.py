@@ -294,7 +294,8 @@ class System:
             K11 += np.swapaxes(Mg, 1, 2) @ Mg
             gw = g[..., None] * w
             K11 -= np.swapaxes(gw, 1, 2) @ w
-            Ab_flat = Ab.reshape((c * q, n) if shared else (B, c * q, n))
+            # For products with A' over the group: (B or 1, c q, n).
+            Ab_flat = Ab.reshape((1 if shared else B, c * q, n))
             self.soc.append((Ab_flat, w, g))
         self.hard = hard
         self._pin(Ad, shared)
@@ -444,7 +445,8 @@ class System:
             rhs1 = rhs1 + bmtv(At, G * f)
         for grp, (Ab, _, g) in zip(st.soc, self.soc):
             pm = g[..., None] * grp.mid(grp.take(F2))
-            rhs1 = rhs1 + _rmatvec_group(Ab, pm, self.shared)
+            rhs1 = rhs1 + rmatvec(Ab, pm.reshape(pm.shape[0], -1),
+                                  self.shared)
         rhs2 = self._gather(self._candidates(F2, rot))
         full1 = rhs1
         if self.any_pin:
@@ -502,7 +504,8 @@ class System:
                     + grp.mid(gb) / grp.gap[..., None])
             soft = np.where(grp.general[..., None], soft,
                             np.where(grp.inside[..., None], 0.0, gb))
-            rhs1 = rhs1 + _rmatvec_group(Ab, soft, self.shared)
+            rhs1 = rhs1 + rmatvec(Ab, soft.reshape(soft.shape[0], -1),
+                                  self.shared)
         rhs2 = self._gather(self._candidates(g2, rot))
         full1 = rhs1
         if self.any_pin:
@@ -541,15 +544,6 @@ class System:
                 grp.inside[..., None], grp.take(P),
                 np.where(grp.general[..., None], general, gb))
         return r1, r2
-
-
-def _rmatvec_group(Ab, Z, shared):
-    """sum over a group's cones of A_c' z_c: Ab (B, c q, n) or, shared,
-    (c q, n); Z (B, c, q)."""
-    flat = Z.reshape(Z.shape[0], -1)
-    if shared:
-        return flat @ Ab
-    return bmtv(Ab, flat)
 
 
 def _solve(K, rhs, singular_ok=False):

@@ -425,12 +425,8 @@ def _check_real(core, dtypes):
     for i, (name, dtype) in enumerate(zip(core.compiled.param_names,
                                           dtypes)):
         if tf.as_dtype(dtype).is_complex:
-            raise ValueError(
-                f"Parameter {i} '{name}' is complex (dtype "
-                f"{tf.as_dtype(dtype).name}); optlayer takes real values "
-                "(pass the real and imaginary parts as separate real "
-                "parameters)."
-            )
+            raise optlayer.layer.complex_value_error(
+                i, name, tf.as_dtype(dtype).name)
 
 
 def _is_numeric(dtype):

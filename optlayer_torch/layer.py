@@ -110,12 +110,9 @@ class Layer(torch.nn.Module):
             )
         for i, (name, v) in enumerate(zip(names, values)):
             if _is_complex(v):
-                dtype = f" (dtype {v.dtype})" if hasattr(v, "dtype") else ""
-                raise ValueError(
-                    f"Parameter {i} '{name}' is complex{dtype}; optlayer "
-                    "takes real values (pass the real and imaginary parts "
-                    "as separate real parameters)."
-                )
+                dtype = getattr(v, "dtype", None)
+                raise optlayer.layer.complex_value_error(
+                    i, name, None if dtype is None else str(dtype))
         try:
             tensors = tuple(_as_tensor(v) for v in values)
         except (TypeError, ValueError):

@@ -280,6 +280,8 @@ def test_single_precision_symmetric_and_psd_values_are_accepted():
             S = S.astype(np.float64)
             (got,) = layer(S)
             (want,) = layer((S + S.T) / 2)
+            # The two values differ by float32 rounding (~1e-7 of entries
+            # of size ~1); so can the projections.
             np.testing.assert_allclose(got, want, atol=1e-6)
     # The same asymmetry in double precision values is still an error.
     layer = _matrix_domain_layer("symmetric")
@@ -295,6 +297,7 @@ def test_diag_parameter_off_diagonal_values():
     layer = optlayer.Layer(problem, [D], [x])
     (got,) = layer(np.diag([1.0, 2.0, 3.0]))
     d = np.array([1.0, 2.0, 3.0])
+    # Closed form x = d / (d^2 + 1); solutions are polished to ~1e-12.
     np.testing.assert_allclose(got, d / (d * d + 1), atol=1e-8)
     batch = np.stack([np.eye(3), np.ones((3, 3))])
     with pytest.raises(ValueError, match=r"Parameter 0 'D' is declared "
@@ -313,6 +316,7 @@ def test_diag_variable_output():
                            [P], [D])
     value = np.arange(9.0).reshape(3, 3)
     (got,) = layer(value)
+    # Exact answer, solutions polished to ~1e-12.
     np.testing.assert_allclose(got, np.diag(np.diag(value)), atol=1e-8)
 
 
@@ -322,6 +326,18 @@ def test_not_dcp():
     problem = cp.Problem(cp.Maximize(cp.sum_squares(x - a)), [x <= 1])
     with pytest.raises(ValueError, match="not DCP"):
         optlayer.Layer(problem, [a], [x])
+
+
+def test_complex_values_for_a_real_parameter():
+    # A complex value would lose its imaginary part in the conversion to
+    # float: an error naming the parameter instead.
+    x = cp.Variable(2)
+    a = cp.Parameter(2, name="a")
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0])
+    layer = optlayer.Layer(problem, [a], [x])
+    with pytest.raises(ValueError, match=r"Parameter 0 'a' is complex "
+                                         r"\(dtype complex128\)"):
+        layer(np.array([1.0 + 2.0j, 0.5]))
 
 
 def test_integer_variables():
@@ -348,6 +364,7 @@ def test_single_parameter_and_variable_need_no_list():
     a = cp.Parameter(2)
     problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0])
     (got,) = optlayer.Layer(problem, a, x)(np.array([1.0, -1.0]))
+    # Exact answer (the projection onto x >= 0), polished to ~1e-12.
     np.testing.assert_allclose(got, [1.0, 0.0], atol=1e-9)
 
 
@@ -387,6 +404,7 @@ def test_n_jobs_minus_one_means_every_cpu():
     As, bs = rng.normal(size=(110, 40)), rng.normal(size=(64, 110))
     (got,) = layer(As, bs)
     (want,) = optlayer.Layer(problem, [A, b], [x], n_jobs=1)(As, bs)
+    # Both polished to ~1e-12; only the thread layout differs.
     np.testing.assert_allclose(got, want, atol=1e-8)
 
 
@@ -648,4 +666,5 @@ def test_parameter_inside_a_quadratic_form():
     rewritten = cp.Problem(cp.Minimize(cp.quad_form(x, P) - 2 * (P @ p) @ x),
                            [cp.abs(x) <= 5])
     (got,) = optlayer.Layer(rewritten, [p], [x])(np.array([1.0, 2.0]))
+    # Exact answer x = p (inside the box), polished to ~1e-12.
     np.testing.assert_allclose(got, [1.0, 2.0], atol=1e-8)
