@@ -236,14 +236,18 @@ def stack_q_plus_i(Av, rows, cols, Bv, C, n, m):
     return QI
 
 
-def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims):
+def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
+                  full=True):
     """The adjoint for a chunk of the batch, with stacked dense arrays.
 
     Solves the reduced system of ``optlayer.reduced`` (about n + number of
     active constraints unknowns instead of n + m + 2) and checks each
     element's answer against the unreduced Jacobian; elements that fail
     the check (singular, degenerate programs) take the bordered system,
-    with a minimum-norm fallback (:func:`adjoint_bordered`).
+    with a minimum-norm fallback (:func:`adjoint_bordered`). Small stacks
+    (``reduced.use_full``; unless ``full`` is False) solve with the full
+    Jacobian J' instead, and only the elements where it is singular take
+    the reduced system.
 
     Args:
         Av: (B, nnz) values of A at positions (rows, cols).
@@ -258,11 +262,14 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims):
     B, n = X.shape
     m = Y.shape[1]
     V = Y - S
+    Ad = _reduced.dense_A(Av, rows, cols, m, n)
+    if full and n and m and _reduced.use_full(B, n, m):
+        return _adjoint_full(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS,
+                             dims, Ad)
     # Known limit: points without strict complementarity (a cone's apex,
     # y = s = 0 on a block) are not detected; their gradient can depend on
     # which optimal dual the solve found.
     st = _reduced.Structure(V, dims)
-    Ad = _reduced.dense_A(Av, rows, cols, m, n)
     g2 = st.apply_P(GY + GS) - GS
     r1 = np.full((B, n), np.nan)
     r2 = np.full((B, m), np.nan)
@@ -284,6 +291,26 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims):
                                Y[sub], S[sub], GX[sub], GY[sub], GS[sub],
                                dims)
         dA[sub], db[sub], dc[sub] = out
+    return dA, db, dc
+
+
+def _adjoint_full(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims, Ad):
+    """:func:`adjoint_dense` by the full Jacobian: J' r = (gx, g2), with
+    J' = [[0, -A'], [P A, I - P]] and g2 = P (gy + gs) - gs."""
+    n = X.shape[1]
+    P = cones.dproject_batch_dense(Y - S, dims, dual=True)
+    J = _reduced.full_jacobian(Ad, P)
+    g = np.concatenate([GX, _reduced.bmv(P, GY + GS) - GS], axis=1)
+    r = _reduced.solve_checked(np.swapaxes(J, 1, 2), g, RESIDUAL_TOL)
+    r1, r2 = r[:, :n], r[:, n:]
+    dA = r2[:, rows] * X[:, cols] - Y[:, rows] * r1[:, cols]
+    db, dc = -r2, -r1
+    bad = np.flatnonzero(~np.isfinite(r).all(axis=1))
+    if bad.size:
+        # Singular J: the reduced system, and the bordered one after it.
+        dA[bad], db[bad], dc[bad] = adjoint_dense(
+            Av[bad], rows, cols, Bv[bad], C[bad], X[bad], Y[bad], S[bad],
+            GX[bad], GY[bad], GS[bad], dims, full=False)
     return dA, db, dc
 
 

@@ -1062,6 +1062,45 @@ def project_batch(V, dims: ConeDims, dual: bool = False) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
+def _soc_run_index(i, k, count):
+    """Row and column index arrays of a run's (count, k, k) blocks."""
+    idx = i + np.arange(count * k).reshape(count, k)
+    return idx[:, :, None], idx[:, None, :]
+
+
+def dproject_batch_dense(V, dims: ConeDims, dual: bool = False) -> np.ndarray:
+    """`dproject` for each row of V, as one dense (B, m, m) array.
+
+    For small cones (the full Jacobians of small programs); runs of
+    second-order cones of one size are differentiated together.
+    """
+    V = _check_batch(V, dims)
+    B, m = V.shape
+    D = np.zeros((B, m, m))
+    z, l = dims.zero, dims.nonneg
+    if dual and z:
+        idx = np.arange(z)
+        D[:, idx, idx] = 1.0
+    idx = np.arange(z, z + l)
+    D[:, idx, idx] = V[:, z:z + l] > 0
+    for k, i, count in _soc_runs(dims):
+        rows, cols = _soc_run_index(i, k, count)
+        Vr = V[:, i:i + k * count].reshape(B * count, k)
+        D[:, rows, cols] = _dproj_soc_stack(Vr).reshape(B, count, k, k)
+    for kind, i, j, param in _blocks(dims):
+        if kind == "soc":
+            continue
+        if kind == "psd":
+            D[:, i:j, i:j] = _dproj_psd_stack(V[:, i:j])
+        elif dual:
+            D[:, i:j, i:j] = dproj_dual_stack(kind, V[:, i:j], param)
+        else:
+            D[:, i:j, i:j] = np.stack([_dproj_block(kind, u, param)
+                                       for u in V[:, i:j]])
+    return D
+
+
+@functools.lru_cache(maxsize=32)
 def _jacobian_pattern(dims: ConeDims):
     """CSC structure of the block-diagonal Jacobian and the data order.
 

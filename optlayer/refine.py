@@ -103,6 +103,7 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6,
         F2c = Bv - _reduced.matvec(Ad, Xc, shared) - (Yc - Vc)
     alive = np.ones(X.shape[0], dtype=bool)
     current = res.copy()
+    full = _reduced.use_full(X.shape[0], n, m)
     for step in range(max_steps):
         if give_up is not None and step == give_up[0]:
             alive &= ~(current > give_up[1])
@@ -113,9 +114,20 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6,
         Ad_a = None if Ad is None else (Ad if a.size == Ad.shape[0]
                                         else Ad[a])
         if Ad is not None:
-            Xn, Vn = _reduced_step(Ad_a, Bv[a], C[a], Xc[a], Vc[a], dims,
-                                   (F1c[a], F2c[a]), shared)
-            ok = np.isfinite(Xn).all(axis=1) & np.isfinite(Vn).all(axis=1)
+            F = (F1c[a], F2c[a])
+            if full:
+                Xn, Vn = _full_step(Ad_a, Xc[a], Vc[a], dims, F)
+                ok = _finite(Xn, Vn)
+                if not ok.all():
+                    # Singular J: the reduced system's regularized step.
+                    sub = np.flatnonzero(~ok)
+                    Xn[sub], Vn[sub] = _reduced_step(
+                        Ad_a[sub], Bv[a[sub]], C[a[sub]], Xc[a[sub]],
+                        Vc[a[sub]], dims, (F[0][sub], F[1][sub]), shared)
+            else:
+                Xn, Vn = _reduced_step(Ad_a, Bv[a], C[a], Xc[a], Vc[a],
+                                       dims, F, shared)
+            ok = _finite(Xn, Vn)
         else:
             ok = np.zeros(a.size, dtype=bool)
         if not ok.all():
@@ -149,6 +161,26 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6,
         X[keep], Y[keep], S[keep] = Xn[better], Yn[better], Sn[better]
         res[keep] = new_res[better]
     return X, Y, S, res
+
+
+def _finite(X, V):
+    return np.isfinite(X).all(axis=1) & np.isfinite(V).all(axis=1)
+
+
+# Relative residual of the linear solve above which a full-Jacobian step is
+# not taken (the reduced system's regularized step is, instead).
+_FULL_SOLVE_TOL = 1e-9
+
+
+def _full_step(Ad, X, V, dims, F):
+    """One Newton step on F(x, v) = 0 with the full Jacobian J, for small
+    programs (see ``reduced.use_full``); NaN where J is singular."""
+    n = X.shape[1]
+    P = cones.dproject_batch_dense(V, dims, dual=True)
+    J = _reduced.full_jacobian(Ad, P)
+    d = _reduced.solve_checked(J, -np.concatenate(F, axis=1),
+                               _FULL_SOLVE_TOL)
+    return X + d[:, :n], V + d[:, n:]
 
 
 def _reduced_step(Ad, Bv, C, X, V, dims, F=None, shared=False):

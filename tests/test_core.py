@@ -66,6 +66,20 @@ CLARABEL_OPTIONS = {
 }
 SCS_OPTIONS = {"eps_abs": 1e-10, "eps_rel": 1e-10, "max_iters": 200_000}
 
+@pytest.fixture(params=["full", "reduced"])
+def linear_system(request, monkeypatch):
+    """Newton steps and adjoints by the full Jacobian (forced for every
+    stack size) or by the reduced systems (never the full Jacobian)."""
+    import optlayer.reduced
+
+    if request.param == "full":
+        monkeypatch.setattr(optlayer.reduced, "FULL_SIZE", 10**9)
+        monkeypatch.setattr(optlayer.reduced, "FULL_WORK", np.inf)
+    else:
+        monkeypatch.setattr(optlayer.reduced, "FULL_SIZE", 0)
+    return request.param
+
+
 def _case_params(cases=CASES):
     params = []
     for case in cases:
@@ -796,6 +810,132 @@ def test_reduced_adjoint_equals_bordered(case, monkeypatch):
         _assert_close(g, r, 1e-9, f"gradient {i}")
 
 
+def _force_system(monkeypatch, which):
+    import optlayer.reduced
+
+    if which == "full":
+        monkeypatch.setattr(optlayer.reduced, "FULL_SIZE", 10**9)
+        monkeypatch.setattr(optlayer.reduced, "FULL_WORK", np.inf)
+    else:
+        monkeypatch.setattr(optlayer.reduced, "FULL_SIZE", 0)
+
+
+def _count_structures(monkeypatch):
+    """Count the reduced systems built (optlayer.reduced.Structure)."""
+    import optlayer.reduced
+
+    built = []
+    original = optlayer.reduced.Structure
+
+    class Counting(original):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(optlayer.reduced, "Structure", Counting)
+    return built
+
+
+@pytest.mark.parametrize("case", _case_params())
+def test_full_jacobian_equals_reduced_systems(case, monkeypatch):
+    # Small stacks take Newton steps and adjoints with the full Jacobian J,
+    # larger ones with the reduced systems; the zoo's other tests see
+    # mostly the first. Forced one way, then the other, on the same SCS
+    # points: the refined outputs agree to the refinement's accuracy
+    # (both stop at relative KKT residuals of 1e-12, or accept 1e-9 after
+    # six steps: 1e-8 covers the latter times the conditioning) and the
+    # gradients, direct solves of equivalent systems, to 1e-8 (the
+    # regularized solves of singular systems differ by about 1e-10 times
+    # the conditioning).
+    import optlayer.reduced
+
+    problem, params, variables = case.build()
+    rng = _rng("full_vs_reduced", case.name)
+    values = make_inputs(case, rng, 3)
+    results = {}
+    for which in ("full", "reduced"):
+        _force_system(monkeypatch, which)
+        built = _count_structures(monkeypatch)
+        assembled = []
+        original = optlayer.reduced.full_jacobian
+        monkeypatch.setattr(
+            optlayer.reduced, "full_jacobian",
+            lambda *a: assembled.append(1) or original(*a))
+        layer = optlayer.Layer(problem, params, variables, warm_start=False,
+                               **case.layer_kwargs)
+        layer._cold_newton = False
+        outputs, state = layer.solve(*values)
+        cotangents = _random_cotangents(layer, 3, _rng("cot", case.name))
+        grads = layer.adjoint(values, state, cotangents)
+        if which == "reduced":
+            assert built or not layer.refine, "reduced systems not used"
+            assert not assembled
+        else:
+            assert assembled, "the full Jacobian was not used"
+        results[which] = (outputs, grads, built)
+        monkeypatch.undo()
+    full, reduced = results["full"], results["reduced"]
+    for k, (g, w) in enumerate(zip(full[0], reduced[0])):
+        _assert_close(g, w, 1e-8, f"output {k}")
+    for i, (g, w) in enumerate(zip(full[1], reduced[1])):
+        _assert_close(g, w, 1e-8, f"gradient {i}")
+
+
+def test_full_jacobian_falls_back_to_reduced_systems(monkeypatch):
+    # Where the full Jacobian gives no answer (NaN: a system that its
+    # regularized solve cannot satisfy), Newton steps and adjoints take
+    # the reduced systems; results equal the default path's.
+    import optlayer.reduced
+
+    case = get_case("socp")
+    values = make_inputs(case, _rng("full_fallback"), 3)
+    layer = optlayer.Layer(*case.build(), warm_start=False)
+    layer._cold_newton = False
+    want, state = layer.solve(*values)
+    cotangents = _random_cotangents(layer, 3, _rng("full_fallback_cot"))
+    want_grads = layer.adjoint(values, state, cotangents)
+
+    _force_system(monkeypatch, "full")
+    built = _count_structures(monkeypatch)
+    failed = []
+
+    def no_answer(M, rhs, tol):
+        failed.append(1)
+        return np.full(rhs.shape, np.nan)
+
+    monkeypatch.setattr(optlayer.reduced, "solve_checked", no_answer)
+    got, state = layer.solve(*values)
+    grads = layer.adjoint(values, state, cotangents)
+    assert failed and built
+    for k, (g, w) in enumerate(zip(got, want)):
+        _assert_close(g, w, 1e-8, f"output {k}")   # as in the test above
+    for i, (g, w) in enumerate(zip(grads, want_grads)):
+        _assert_close(g, w, 1e-8, f"gradient {i}")
+
+
+def test_small_stacks_take_the_full_jacobian(monkeypatch):
+    # The default choice: one small SOCP takes the full Jacobian in both
+    # directions (no reduced system is built); a large batch of them the
+    # reduced systems.
+    import optlayer.reduced
+
+    case = get_case("socp")
+    layer = optlayer.Layer(*case.build(), warm_start=False)
+    layer._cold_newton = False
+    n, m = layer.compiled.n, layer.compiled.m
+    large = int(optlayer.reduced.FULL_WORK / (n + m) ** 3) + 1
+    assert optlayer.reduced.use_full(1, n, m)
+    assert not optlayer.reduced.use_full(large, n, m)
+    for batch, expect_reduced in ((1, False), (large, True)):
+        built = _count_structures(monkeypatch)
+        values = make_inputs(case, _rng("small_full", batch), batch)
+        _, state = layer.solve(*values)
+        layer.adjoint(values, state,
+                      _random_cotangents(layer, batch, _rng("c", batch)))
+        assert bool(built) == expect_reduced, (batch, len(built))
+        monkeypatch.undo()
+
+
 def _interpolate(a, b, t):
     # Convex combinations keep nonnegative, symmetric and PSD values so.
     return [(1 - t) * x + t * y for x, y in zip(a, b)]
@@ -868,12 +1008,14 @@ def test_warm_start_ignores_other_batch_sizes():
     _assert_close(got, want, 1e-9, "output")   # both refined, as above
 
 
-def test_refinement_handles_non_unique_auxiliary_variables(monkeypatch):
+def test_refinement_handles_non_unique_auxiliary_variables(
+        linear_system, monkeypatch):
     # ||x|| <= 5 is inactive at the solution, so the epigraph variable that
     # CVXPY introduces for it may take any value up to 5: the optimality
-    # conditions' Jacobian is singular. Newton steps then use the
-    # regularized reduced system and still converge; no element needs SCS
-    # a second time, and x (unique) matches CVXPY with SCS at 1e-12
+    # conditions' Jacobian is singular. Newton steps then solve a
+    # regularized system (the full Jacobian plus delta I, or the reduced
+    # quasi-definite one) and still converge; no element needs SCS a
+    # second time, and x (unique) matches CVXPY with SCS at 1e-12
     # (Clarabel reports these as optimal_inaccurate, about 1e-7 off).
     rng = _rng("non_unique")
     x = cp.Variable(6)
@@ -904,12 +1046,13 @@ def test_refinement_handles_non_unique_auxiliary_variables(monkeypatch):
         _assert_close(got[k], x.value, 1e-9, f"element {k}")
 
 
-def test_adjoint_handles_non_unique_auxiliary_variables(monkeypatch):
+def test_adjoint_handles_non_unique_auxiliary_variables(
+        linear_system, monkeypatch):
     # The same singular optimality conditions in the backward pass: J' r = g
     # has many solutions, but all give the same gradient (dF/dtheta maps
-    # into the range of J). The regularized reduced solve must be used (no
-    # bordered fallback), agree with the bordered minimum-norm answer, and
-    # match central finite differences.
+    # into the range of J). The regularized solve (full or reduced) must be
+    # used (no bordered fallback), agree with the bordered minimum-norm
+    # answer, and match central finite differences.
     import optlayer.adjoint
 
     rng = _rng("non_unique_adjoint")
@@ -932,10 +1075,10 @@ def test_adjoint_handles_non_unique_auxiliary_variables(monkeypatch):
 
     monkeypatch.setattr(optlayer.adjoint, "adjoint_bordered", spy)
     got = layer.adjoint(values, state, cotangents)
-    assert calls == [], "the regularized reduced system was not used"
+    assert calls == [], "the regularized system was not used"
     monkeypatch.setattr(optlayer.adjoint, "adjoint_dense", bordered)
     want = layer.adjoint(values, state, cotangents)
-    # Both are solutions of the same consistent system, the reduced one
+    # Both are solutions of the same consistent system, the first one
     # regularized by 1e-10 relative: 1e-8 covers that times conditioning.
     for i, (g, w) in enumerate(zip(got, want)):
         _assert_close(g, w, 1e-8, f"gradient {i}")
@@ -1033,7 +1176,9 @@ def test_refinement_falls_back_to_bordered_steps(name, monkeypatch):
     # Where the reduced system gives no step (NaN: e.g. a second-order cone
     # point without strict complementarity), refinement takes the Newton
     # step of the bordered homogeneous system; with only that, it still
-    # polishes SCS's point and the results equal the default path's.
+    # polishes SCS's point and the results equal the default path's. (The
+    # full Jacobian, which small programs take first, is switched off.)
+    import optlayer.reduced
     import optlayer.refine
 
     case = get_case(name)
@@ -1050,6 +1195,7 @@ def test_refinement_falls_back_to_bordered_steps(name, monkeypatch):
         calls.append(1)
         return original(*args)
 
+    monkeypatch.setattr(optlayer.reduced, "FULL_SIZE", 0)
     monkeypatch.setattr(optlayer.refine, "_reduced_step", no_reduced_step)
     monkeypatch.setattr(optlayer.refine, "_bordered_step", counting)
     layer = optlayer.Layer(*case.build(), warm_start=False)
