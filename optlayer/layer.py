@@ -20,6 +20,8 @@ from optlayer.compile import compile_problem
 logger = logging.getLogger("optlayer")
 
 # Attributes of a cvxpy.Parameter that restrict its values.
+_DOMAIN_ATTRIBUTES = ("nonneg", "pos", "nonpos", "neg", "diag", "symmetric",
+                      "PSD", "NSD")
 # A refined solution is accepted at this relative KKT residual.
 _REFINE_ACCEPT = 1e-9
 # Newton steps from the previous call's solution replace the solver only
@@ -190,6 +192,12 @@ class Layer:
         self._T_t = tuple(_transposed(M) for M in (
             cp_.T_A, cp_.T_b, cp_.T_c, elim.T_Ae, elim.W_map,
             self._to_rows, self._to_cols))
+        self._param_sizes = tuple(int(np.prod(shape, dtype=int))
+                                  for shape in cp_.param_shapes)
+        # Parameters whose declared attributes restrict their values.
+        self._domain_checked = tuple(
+            i for i, p in enumerate(self.parameters)
+            if any(p.attributes.get(a) for a in _DOMAIN_ATTRIBUTES))
         self._R_t = tuple(
             (_transposed(out.R),
              _transposed(out.R_elim) if out.source == "x" and elim.size
@@ -768,38 +776,54 @@ class Layer:
         batch, flags = self._batch_layout(values)
         batched = batch is not None
         batch = 1 if batch is None else batch
-        names = self.compiled.param_names
-        for i, (arr, param) in enumerate(zip(values, self.parameters)):
-            if not np.all(np.isfinite(arr)):
-                bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-                where = ""
-                if flags[i]:
-                    elems = np.flatnonzero(~np.all(
-                        np.isfinite(arr.reshape(arr.shape[0], -1)), axis=1))
-                    where = f" in batch element(s) {elems.tolist()[:20]}"
-                raise ValueError(
-                    f"Parameter {i} '{names[i]}' has {bad} NaN or infinite "
-                    f"entr{'y' if bad == 1 else 'ies'}{where}."
-                )
-            _check_domain(i, names[i], param, arr, flags[i])
-        blocks = []
-        for arr, flag in zip(values, flags):
-            flat = _vec_f(arr, flag).reshape(arr.shape[0] if flag else 1,
-                                             int(np.prod(arr.shape[flag:])))
-            blocks.append(np.broadcast_to(flat, (batch, flat.shape[1])))
-        blocks.append(np.ones((batch, 1)))
-        theta = np.concatenate(blocks, axis=1)
+        cp_ = self.compiled
+        theta = np.empty((batch, cp_.num_params + 1))
+        for arr, flag, offset, size in zip(values, flags, cp_.param_offsets,
+                                           self._param_sizes):
+            # Column-major flattening, per element if batched (a batch of
+            # one broadcasts).
+            if flag:
+                flat = arr.transpose((0,) + tuple(range(arr.ndim - 1, 0, -1)))
+                theta[:, offset:offset + size] = flat.reshape(arr.shape[0],
+                                                              size)
+            else:
+                theta[:, offset:offset + size] = arr.reshape(-1, order="F")
+        theta[:, -1] = 1.0
+        if not np.isfinite(theta).all():
+            self._report_non_finite(values, flags)
+        names = cp_.param_names
+        for i in self._domain_checked:
+            _check_domain(i, names[i], self.parameters[i], values[i],
+                          flags[i])
         return batch, batched, theta
+
+    def _report_non_finite(self, values, flags):
+        """ValueError naming the first parameter with NaN or infinite
+        entries (and its batch elements)."""
+        names = self.compiled.param_names
+        for i, arr in enumerate(values):
+            if np.all(np.isfinite(arr)):
+                continue
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            where = ""
+            if flags[i]:
+                elems = np.flatnonzero(~np.all(
+                    np.isfinite(arr.reshape(arr.shape[0], -1)), axis=1))
+                where = f" in batch element(s) {elems.tolist()[:20]}"
+            raise ValueError(
+                f"Parameter {i} '{names[i]}' has {bad} NaN or infinite "
+                f"entr{'y' if bad == 1 else 'ies'}{where}."
+            )
 
     def _split_gradient(self, dtheta, values, batch, needs_grad):
         cp_ = self.compiled
         grads = []
-        for i, (arr, shape, offset) in enumerate(
-                zip(values, cp_.param_shapes, cp_.param_offsets)):
+        for i, (arr, shape, offset, size) in enumerate(
+                zip(values, cp_.param_shapes, cp_.param_offsets,
+                    self._param_sizes)):
             if needs_grad is not None and not needs_grad[i]:
                 grads.append(None)
                 continue
-            size = int(np.prod(shape, dtype=int))
             g = dtheta[:, offset:offset + size]
             if arr.shape == shape:
                 grads.append(_unvec_f(g.sum(axis=0, keepdims=True), shape,

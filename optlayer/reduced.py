@@ -655,8 +655,14 @@ def solve_checked(M, rhs, tol):
     transposes), regularized where M is singular; rows whose relative
     residual is still above ``tol`` (inconsistent systems) come back as
     NaN."""
-    d = _solve_regularized(M, rhs)
-    res = np.linalg.norm(bmv(M, np.nan_to_num(d)) - rhs, axis=1)
-    bad = ~(res <= tol * np.linalg.norm(rhs, axis=1))
-    d[bad] = np.nan
+    d = _solve(M, rhs, singular_ok=True)
+    scale = tol * np.sqrt(np.einsum("bi,bi->b", rhs, rhs))
+    r = bmv(M, d) - rhs
+    bad = ~(np.sqrt(np.einsum("bi,bi->b", r, r)) <= scale)
+    if np.any(bad):
+        Mb, rb = M[bad], rhs[bad]
+        db = _solve_regularized(Mb, rb)
+        r = bmv(Mb, np.nan_to_num(db)) - rb
+        db[~(np.sqrt(np.einsum("bi,bi->b", r, r)) <= scale[bad])] = np.nan
+        d[bad] = db
     return d

@@ -89,18 +89,24 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6,
     n, m = X.shape[1], Y.shape[1]
     Ad = _reduced.dense_A(Av, rows, cols, m, n) if n and m else None
     shared = _reduced.is_shared(Av)
-    res = np.maximum(residual(Av, rows, cols, Bv, C, X, Y, S, Ad, shared),
-                     _cone_residual(Y, S, dims))
     # The iterate (Xc, Vc) moves by full Newton steps even where a step
     # does not lower the residual (a semismooth step that changes the
     # active set often raises it once, then converges); (X, Y, S, res)
     # keep each element's best point.
     Xc, Vc = X.copy(), Y - S
     if Ad is not None:
-        # F at the iterate, carried from step to step.
+        # F at the iterate, carried from step to step. The start point
+        # itself is taken in the form the steps produce, y = Pi_{K*}(v)
+        # and s = y - v, which lie in their cones by construction (for a
+        # start point that is a solution, they are y and s).
         Yc = cones.project_batch(Vc, dims, dual=True)
         F1c = _reduced.rmatvec(Ad, Yc, shared) + C
         F2c = Bv - _reduced.matvec(Ad, Xc, shared) - (Yc - Vc)
+        Y, S = Yc.copy(), Yc - Vc
+        res = _relative(F1c, F2c, Bv, C, X, Y)
+    else:
+        res = np.maximum(residual(Av, rows, cols, Bv, C, X, Y, S),
+                         _cone_residual(Y, S, dims))
     alive = np.ones(X.shape[0], dtype=bool)
     current = res.copy()
     full = _reduced.use_full(X.shape[0], n, m)
