@@ -835,21 +835,37 @@ class Layer:
         return tuple(grads)
 
 
-_CONTROLLER = None
+_BLAS_LIBRARIES = None
 
 
-def _blas_single_thread():
+class _blas_single_thread:
     """A context limiting BLAS libraries to one thread each, for a whole
     solve or adjoint. (OpenBLAS's thread count is process-wide. The stacked
     products are small, so BLAS threads gain little even on the calling
     thread, and when another process keeps a core busy their spin-waits
     stall every call: 16 least-squares elements, 35 ms alone, took 6 s
-    beside a busy process.)"""
-    global _CONTROLLER
-    if _CONTROLLER is None:
-        # Created on first use, after the BLAS libraries are loaded.
-        _CONTROLLER = threadpoolctl.ThreadpoolController()
-    return _CONTROLLER.limit(limits=1, user_api="blas")
+    beside a busy process.) It sets the libraries' thread counts directly:
+    threadpoolctl's own context inspects every library on each entry,
+    about 10 microseconds, a noticeable part of a small call."""
+
+    def __enter__(self):
+        global _BLAS_LIBRARIES
+        if _BLAS_LIBRARIES is None:
+            # Found on first use, after the BLAS libraries are loaded.
+            _BLAS_LIBRARIES = threadpoolctl.ThreadpoolController().select(
+                user_api="blas").lib_controllers
+        self._restore = []
+        for lib in _BLAS_LIBRARIES:
+            threads = lib.num_threads
+            if threads != 1:
+                lib.set_num_threads(1)
+                self._restore.append((lib, threads))
+        return self
+
+    def __exit__(self, *exc):
+        for lib, threads in self._restore:
+            lib.set_num_threads(threads)
+        return False
 
 
 def _vec_f(arr, batched):

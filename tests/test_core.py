@@ -1355,3 +1355,34 @@ def test_duals_of_explicit_cone_constraints(kind):
     fd = np.array([(f(value + 1e-4 * e) - f(value - 1e-4 * e)) / 2e-4
                    for e in np.eye(3)])
     _assert_close(grad, fd, 1e-6, "gradient")
+
+
+def test_blas_runs_on_one_thread_during_a_call(monkeypatch):
+    # Solve and adjoint limit BLAS to one thread (see
+    # optlayer.layer._blas_single_thread) and restore the previous count
+    # afterwards.
+    import threadpoolctl
+
+    import optlayer.refine
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+                if lib["user_api"] == "blas"]
+
+    case = get_case("socp")
+    layer = optlayer.Layer(*case.build(), warm_start=False)
+    values = make_inputs(case, _rng("blas"), 2)
+    layer(*values)   # loads and finds the BLAS libraries
+    seen = []
+    original = optlayer.refine.refine
+
+    def spy(*args, **kwargs):
+        seen.append(blas_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(optlayer.refine, "refine", spy)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = blas_threads()
+        layer(*values)
+        assert blas_threads() == before
+    assert seen and all(t == [1] * len(before) for t in seen)
