@@ -84,8 +84,9 @@ def _q_small(A, b, c):
     return sp.csc_matrix(Q)
 
 
-def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims):
-    """Gradients (dA values on A's pattern, db, dc) for one cone program.
+def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims, P=None):
+    """Gradients (dA values on A's pattern, db, dc, dP) for one cone
+    program.
 
     Args:
         A: the constraint matrix, CSC, with the pattern the values refer to.
@@ -93,14 +94,19 @@ def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims):
         x, y, s: the primal-dual solution.
         gx, gy, gs: cotangents of x, y and s.
         dims: the cone K as a ``cones.ConeDims``.
+        P: the objective's quadratic term as (values, rows, cols), or None.
 
     Returns:
-        (dA_values, db, dc): dA_values[k] is the gradient for A.data[k].
+        (dA_values, db, dc, dP): dA_values[k] is the gradient for
+        A.data[k], dP[k] for P's values[k] (empty without P).
     """
     m, n = A.shape
     N = n + m + 1
     v = y - s
     Dk = cones.dproject(v, dims, dual=True)
+    if P is not None:
+        return _adjoint_one_quadratic(A, b, c, x, y, s, gx, gy, gs, dims,
+                                      P, Dk)
 
     # Cotangent of z.
     g = np.concatenate([
@@ -109,7 +115,7 @@ def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims):
         [-(x @ gx + y @ gy + s @ gs)],
     ])
     if not np.any(g):
-        return np.zeros(A.nnz), np.zeros(m), np.zeros(n)
+        return np.zeros(A.nnz), np.zeros(m), np.zeros(n), np.zeros(0)
 
     D = sp.block_diag([sp.identity(n), Dk, sp.identity(1)], format="csc")
     Q = _q_matrix(A, b, c)
@@ -146,7 +152,52 @@ def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims):
     dA = ry[rows] * x[cols] - y[rows] * rx[cols]
     db = rw * y - ry
     dc = rw * x - rx
-    return dA, db, dc
+    return dA, db, dc, np.zeros(0)
+
+
+def _adjoint_one_quadratic(A, b, c, x, y, s, gx, gy, gs, dims, P, Dk):
+    """:func:`adjoint_one` for a program with a quadratic objective: a
+    sparse LU of J' = [[Pq, -A'], [D A, I - D]] (no homogenizing
+    variable, so no known null directions to border), checked; where J is
+    singular, the dense adjoint up to DENSE_FALLBACK_LIMIT, else LSQR."""
+    m, n = A.shape
+    Pv, prows, pcols = P
+    rows = A.indices
+    cols = np.repeat(np.arange(n), np.diff(A.indptr))
+    g = np.concatenate([gx, Dk @ (gy + gs) - gs])
+    if not np.any(g):
+        return np.zeros(A.nnz), np.zeros(m), np.zeros(n), np.zeros(Pv.size)
+    Pq = sp.csc_matrix((Pv, (prows, pcols)), shape=(n, n))
+    JT = sp.bmat([[Pq, -A.T], [Dk @ A, sp.identity(m) - Dk]], format="csc")
+    r = None
+    try:
+        lu = spla.splu(JT)
+        pivots = np.abs(lu.U.diagonal())
+        if pivots.min() > _SINGULAR_PIVOT * pivots.max():
+            r = lu.solve(g)
+            if not (np.all(np.isfinite(r)) and np.linalg.norm(JT @ r - g)
+                    <= RESIDUAL_TOL * np.linalg.norm(g)):
+                r = None
+    except RuntimeError:
+        pass
+    if r is None:
+        if n + m + 1 <= DENSE_FALLBACK_LIMIT:
+            out = adjoint_dense(A.data[None], rows, cols, b[None], c[None],
+                                x[None], y[None], s[None], gx[None],
+                                gy[None], gs[None], dims,
+                                P=(Pv[None], prows, pcols))
+            return tuple(a[0] for a in out)
+        r = spla.lsqr(JT, g, atol=1e-14, btol=1e-14, iter_lim=20 * (n + m))[0]
+        residual = np.linalg.norm(JT @ r - g)
+        if not residual <= RESIDUAL_TOL * np.linalg.norm(g):
+            warnings.warn(
+                "The backward pass of a large degenerate program did not "
+                f"converge (relative residual "
+                f"{residual / np.linalg.norm(g):.1e}); its gradient may be "
+                "inaccurate.", RuntimeWarning, stacklevel=3)
+    out = _gradients(rows, cols, x[None], y[None], r[None, :n], r[None, n:],
+                     (Pv[None], prows, pcols))
+    return tuple(a[0] for a in out)
 
 
 def _solve_bordered(MT, z, pi, g):
@@ -237,7 +288,7 @@ def stack_q_plus_i(Av, rows, cols, Bv, C, n, m):
 
 
 def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
-                  full=True):
+                  full=True, P=None):
     """The adjoint for a chunk of the batch, with stacked dense arrays.
 
     Solves the reduced system of ``optlayer.reduced`` (about n + number of
@@ -255,17 +306,22 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
         X, Y, S: (B, n), (B, m), (B, m) solutions.
         GX, GY, GS: cotangents shaped like X, Y, S.
         dims: the cone.
+        P: the objective's quadratic term as (values (B, nnz_P), rows,
+            cols), or None.
 
     Returns:
-        (dA (B, nnz), db (B, m), dc (B, n)).
+        (dA (B, nnz), db (B, m), dc (B, n), dP (B, nnz_P); nnz_P = 0
+        without P).
     """
     B, n = X.shape
     m = Y.shape[1]
     V = Y - S
     Ad = _reduced.dense_A(Av, rows, cols, m, n)
-    if full and n and m and _reduced.use_full(B, n, m):
+    Pq = _reduced.dense_P(P, n)
+    if n and ((full and m and _reduced.use_full(B, n, m))
+              or (Pq is not None and m == 0)):
         return _adjoint_full(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS,
-                             dims, Ad)
+                             dims, Ad, P, Pq)
     # Known limit: points without strict complementarity (a cone's apex,
     # y = s = 0 on a block) are not detected; their gradient can depend on
     # which optimal dual the solve found.
@@ -275,48 +331,82 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
     r2 = np.full((B, m), np.nan)
     if n and m:
         shared = _reduced.is_shared(Av)
-        r1, r2 = _reduced.System(Ad, st, shared).adjoint(GX, g2)
-        t1, t2 = _reduced.apply_JT(Ad, st, r1, r2, shared)
+        r1, r2 = _reduced.System(Ad, st, shared, Pq).adjoint(GX, g2)
+        t1, t2 = _reduced.apply_JT(Ad, st, r1, r2, shared, Pq)
         res = np.sqrt(((t1 - GX) ** 2).sum(1) + ((t2 - g2) ** 2).sum(1))
         scale = np.sqrt((GX ** 2).sum(1) + (g2 ** 2).sum(1))
         bad = ~(res <= RESIDUAL_TOL * scale)
     else:
         bad = np.ones(B, dtype=bool)
-    dA = r2[:, rows] * X[:, cols] - Y[:, rows] * r1[:, cols]
-    db = -r2
-    dc = -r1
+    out = _gradients(rows, cols, X, Y, r1, r2, P)
     if np.any(bad):
         sub = np.flatnonzero(bad)
-        out = adjoint_bordered(Av[sub], rows, cols, Bv[sub], C[sub], X[sub],
-                               Y[sub], S[sub], GX[sub], GY[sub], GS[sub],
-                               dims)
-        dA[sub], db[sub], dc[sub] = out
-    return dA, db, dc
+        fallback = adjoint_bordered(
+            Av[sub], rows, cols, Bv[sub], C[sub], X[sub], Y[sub], S[sub],
+            GX[sub], GY[sub], GS[sub], dims, P=_take(P, sub))
+        for a, f in zip(out, fallback):
+            a[sub] = f
+    return out
 
 
-def _adjoint_full(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims, Ad):
-    """:func:`adjoint_dense` by the full Jacobian: J' r = (gx, g2), with
-    J' = [[0, -A'], [P A, I - P]] and g2 = P (gy + gs) - gs."""
-    n = X.shape[1]
-    P = cones.dproject_batch_dense(Y - S, dims, dual=True)
-    J = _reduced.full_jacobian(Ad, P)
-    g = np.concatenate([GX, _reduced.bmv(P, GY + GS) - GS], axis=1)
-    r = _reduced.solve_checked(np.swapaxes(J, 1, 2), g, RESIDUAL_TOL)
-    r1, r2 = r[:, :n], r[:, n:]
+def _take(P, idx):
+    """The quadratic term ``P`` of the elements idx (None stays None)."""
+    return None if P is None else (P[0][idx], P[1], P[2])
+
+
+def _gradients(rows, cols, X, Y, r1, r2, P):
+    """(dA, db, dc, dP) from the solution r of J' r = g: the data enter F
+    as F1 = Px + A'y + c and F2 = b - Ax - s, so dA = r2 x' - y r1',
+    db = -r2, dc = -r1 and dP = -r1 x' (on each stored entry of P, both
+    triangles)."""
     dA = r2[:, rows] * X[:, cols] - Y[:, rows] * r1[:, cols]
-    db, dc = -r2, -r1
+    if P is None:
+        dP = np.zeros((X.shape[0], 0))
+    else:
+        dP = -r1[:, P[1]] * X[:, P[2]]
+    return dA, -r2, -r1, dP
+
+
+def _adjoint_full(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims, Ad,
+                  P=None, Pq=None):
+    """:func:`adjoint_dense` by the full Jacobian: J' r = (gx, g2), with
+    J' = [[Pq, -A'], [P A, I - P]] and g2 = P (gy + gs) - gs (P the cone
+    projection's derivative, Pq the objective's quadratic term)."""
+    n = X.shape[1]
+    m = Y.shape[1]
+    D = cones.dproject_batch_dense(Y - S, dims, dual=True)
+    J = _reduced.full_jacobian(Ad, D, Pq)
+    g = np.concatenate([GX, _reduced.bmv(D, GY + GS) - GS], axis=1)
+    r = _reduced.solve_checked(np.swapaxes(J, 1, 2), g, RESIDUAL_TOL)
     bad = np.flatnonzero(~np.isfinite(r).all(axis=1))
+    if bad.size and (Pq is not None and m == 0):
+        # Singular P without constraints: the minimum-norm solution.
+        for b in bad:
+            r[b] = np.linalg.lstsq(J[b].T, g[b], rcond=1e-12)[0]
+        bad = bad[:0]
+    out = _gradients(rows, cols, X, Y, r[:, :n], r[:, n:], P)
     if bad.size:
         # Singular J: the reduced system, and the bordered one after it.
-        dA[bad], db[bad], dc[bad] = adjoint_dense(
+        fallback = adjoint_dense(
             Av[bad], rows, cols, Bv[bad], C[bad], X[bad], Y[bad], S[bad],
-            GX[bad], GY[bad], GS[bad], dims, full=False)
-    return dA, db, dc
+            GX[bad], GY[bad], GS[bad], dims, full=False, P=_take(P, bad))
+        for a, f in zip(out, fallback):
+            a[bad] = f
+    return out
 
 
-def adjoint_bordered(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims):
+def adjoint_bordered(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
+                     P=None):
     """The adjoint from the bordered residual-map system, stacked dense;
-    arguments and result as for :func:`adjoint_dense`."""
+    arguments and result as for :func:`adjoint_dense`.
+
+    The homogeneous residual map has no quadratic term: with one, the
+    minimum-norm least-squares solution of the full J' r = g is taken
+    instead (for nonsingular J, the exact solution).
+    """
+    if P is not None:
+        return _adjoint_least_squares(Av, rows, cols, X, Y, S, GX, GY, GS,
+                                      dims, P)
     B, n = X.shape
     m = Y.shape[1]
     N = n + m + 1
@@ -363,4 +453,19 @@ def adjoint_bordered(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims):
     dA = ry[:, rows] * X[:, cols] - Y[:, rows] * rx[:, cols]
     db = rw * Y - ry
     dc = rw * X - rx
-    return dA, db, dc
+    return dA, db, dc, np.zeros((B, 0))
+
+
+def _adjoint_least_squares(Av, rows, cols, X, Y, S, GX, GY, GS, dims, P):
+    """Minimum-norm least-squares solutions of the full J' r = g for each
+    element (a program with a quadratic objective whose J is singular)."""
+    B, n = X.shape
+    m = Y.shape[1]
+    Ad = _reduced.dense_A(Av, rows, cols, m, n)
+    D = cones.dproject_batch_dense(Y - S, dims, dual=True)
+    JT = np.swapaxes(_reduced.full_jacobian(Ad, D, _reduced.dense_P(P, n)),
+                     1, 2)
+    g = np.concatenate([GX, _reduced.bmv(D, GY + GS) - GS], axis=1)
+    r = np.stack([np.linalg.lstsq(JT[b], g[b], rcond=1e-12)[0]
+                  for b in range(B)]) if B else np.zeros((0, n + m))
+    return _gradients(rows, cols, X, Y, r[:, :n], r[:, n:], P)

@@ -69,6 +69,10 @@ class CompiledProblem:
         T_b: sparse (m, p + 1) map to ``b``.
         T_A: sparse (nnz, p + 1) map to the values of ``A``.
         A_indices, A_indptr: the CSC pattern of ``A`` (m by n).
+        T_P: sparse (nnz_P, p + 1) map to the values of the objective's
+            quadratic term ``P`` (objective (1/2) x'Px + c'x), at
+            positions (P_rows, P_cols), both triangles; no rows when the
+            objective is linear.
         outputs: the requested outputs.
         objective_offset: sparse (1, p + 1) map to the objective's constant
             (before presolve).
@@ -87,6 +91,9 @@ class CompiledProblem:
     T_A: sp.csr_matrix
     A_indices: np.ndarray
     A_indptr: np.ndarray
+    T_P: sp.csr_matrix
+    P_rows: np.ndarray
+    P_cols: np.ndarray
     outputs: tuple
     objective_offset: sp.csr_matrix
     elim: _presolve.Elimination
@@ -98,8 +105,13 @@ class CompiledProblem:
 
     @property
     def A_is_constant(self):
-        """True when ``A`` does not depend on the parameters."""
-        return self.T_A[:, :-1].nnz == 0
+        """True when ``A`` (and ``P``) do not depend on the parameters."""
+        return self.T_A[:, :-1].nnz == 0 and self.T_P[:, :-1].nnz == 0
+
+    @property
+    def has_P(self):
+        """True when the objective has a quadratic term."""
+        return self.T_P.shape[0] > 0
 
 
 def _name(leaf):
@@ -395,7 +407,8 @@ def _dual_output(chain, inverse_data, param_prob, problem, var, m, n):
     return sp.csr_matrix((vals, (rows, cols)), shape=(var.size, m))
 
 
-def compile_problem(problem, parameters, variables, presolve=True):
+def compile_problem(problem, parameters, variables, presolve=True,
+                    quadratic_objective=False):
     """Compile ``problem`` into a :class:`CompiledProblem`.
 
     Args:
@@ -406,6 +419,9 @@ def compile_problem(problem, parameters, variables, presolve=True):
             of its constraints (``constraint.dual_variables[0]``).
         presolve: eliminate variables pinned by equalities to affine
             functions of the parameters (see ``optlayer.presolve``).
+        quadratic_objective: keep the objective's quadratic part as SCS's
+            quadratic term P instead of CVXPY's cone form (second-order
+            cones on epigraph variables).
 
     Raises:
         ValueError: naming what to change, if the problem is not DPP, the
@@ -422,11 +438,9 @@ def compile_problem(problem, parameters, variables, presolve=True):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            # Known limit: quadratic objectives become second-order cones
-            # (SCS's quadratic objective P is not supported yet), which
-            # SCS cannot solve accurately for data of size 100 or more.
             data, chain, inverse_data = problem.get_problem_data(
-                cp.SCS, solver_opts={"use_quad_obj": False}
+                cp.SCS,
+                solver_opts={"use_quad_obj": bool(quadratic_objective)}
             )
         except cp.error.ParameterError as exc:
             raise not_dpp from exc
@@ -460,6 +474,19 @@ def compile_problem(problem, parameters, variables, presolve=True):
     T_A = sp.csr_matrix(TA[pattern])
     rows, cols = pattern % m, pattern // m
 
+    # Quadratic objective (1/2) x'Px: param_prob.P @ theta is the full
+    # symmetric n x n matrix, flattened column-major.
+    # (Only its nonzero rows are kept: n^2 rows would not fit for large n.)
+    TP_coo = sp.coo_matrix(param_prob.P) if param_prob.P is not None \
+        else sp.coo_matrix((0, S.shape[0]))
+    P_pattern, compact = np.unique(TP_coo.row, return_inverse=True)
+    T_P = sp.csr_matrix(sp.csr_matrix(
+        (TP_coo.data, (compact.ravel(), TP_coo.col)),
+        shape=(P_pattern.size, S.shape[0])) @ S)
+    live = np.flatnonzero(np.diff(T_P.indptr))   # drop cancelled entries
+    T_P, P_pattern = sp.csr_matrix(T_P[live]), P_pattern[live]
+    P_rows, P_cols = P_pattern % n, P_pattern // n
+
     dims = ConeDims.from_scs(_scs_cone_dict(param_prob.cone_dims))
     if dims.size != m:
         raise ValueError(
@@ -484,14 +511,20 @@ def compile_problem(problem, parameters, variables, presolve=True):
             if source == "y":
                 protected.update(np.flatnonzero(np.diff(
                     sp.csc_matrix(R).indptr)).tolist())
+        # Variables of the quadratic objective stay (eliminating them
+        # would make c depend on products of parameters).
         pinned, pin_rows = _presolve.find_pinned(
-            n, dims.zero, T_b, T_A, rows, cols, protected)
+            n, dims.zero, T_b, T_A, rows, cols, protected,
+            protected_cols=set(P_cols.tolist()))
     else:
         pinned, pin_rows = {}, []
     if pinned:
         elim, T_b, T_A, rows, cols = _presolve.eliminate(
             n, m, T_b, T_A, rows, cols, pinned, pin_rows)
         T_c = sp.csr_matrix(T_c[elim.keep_cols])
+        new_col = np.full(n, -1, dtype=np.int64)
+        new_col[elim.keep_cols] = np.arange(elim.keep_cols.size)
+        P_rows, P_cols = new_col[P_rows], new_col[P_cols]
         dims = dataclasses.replace(dims, zero=dims.zero - len(pin_rows))
         n, m = elim.keep_cols.size, elim.keep_rows.size
     else:
@@ -529,6 +562,9 @@ def compile_problem(problem, parameters, variables, presolve=True):
         T_A=T_A,
         A_indices=A_indices,
         A_indptr=A_indptr,
+        T_P=T_P,
+        P_rows=P_rows.astype(np.int64),
+        P_cols=P_cols.astype(np.int64),
         outputs=tuple(outputs),
         objective_offset=T_offset,
         elim=elim,

@@ -4,6 +4,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -110,6 +111,17 @@ class Layer:
             (the default eps_abs/eps_rel in this mode); an element that does
             not refine is solved again by SCS from there at 1e-7 and
             refined, and if that fails too, solved at 1e-10.
+        quadratic_objective: keep a quadratic objective (sum_squares,
+            quad_form, ...) as the quadratic term of the cone program
+            (SCS's P) instead of turning it into second-order cones
+            (default False). In cone form, sum_squares(r) becomes a
+            second-order cone constraint on an epigraph variable of size
+            ||r||^2, which SCS cannot solve accurately once r is of size
+            100 or more (such elements raise SolverError); with this
+            option the program is solved accurately at any scale. It is
+            off by default because the quadratic form has more variables
+            (one per residual entry), which makes least-squares layers up
+            to twice as slow.
 
     Inputs and batching: each value has the parameter's shape (unbatched,
     shared by the whole batch) or one more leading dimension (batched). All
@@ -134,12 +146,13 @@ class Layer:
 
     def __init__(self, problem, parameters, variables, *,
                  solver_options=None, n_jobs=None, warm_start=True,
-                 presolve=True, refine=True):
+                 presolve=True, refine=True, quadratic_objective=False):
         self.problem = problem
         self.parameters = tuple(_compile.as_list(parameters))
         self.variables = tuple(_compile.as_list(variables))
         self.compiled = compile_problem(problem, self.parameters,
-                                        self.variables, presolve=presolve)
+                                        self.variables, presolve=presolve,
+                                        quadratic_objective=quadratic_objective)
         # Whether the solver's matrix A is the same for every theta.
         cp_ = self.compiled
         N = cp_.n + cp_.m + 1
@@ -191,7 +204,7 @@ class Layer:
         # them on every product of a dense array with a sparse matrix).
         self._T_t = tuple(_transposed(M) for M in (
             cp_.T_A, cp_.T_b, cp_.T_c, elim.T_Ae, elim.W_map,
-            self._to_rows, self._to_cols))
+            self._to_rows, self._to_cols, cp_.T_P))
         self._param_sizes = tuple(int(np.prod(shape, dtype=int))
                                   for shape in cp_.param_shapes)
         # Parameters whose declared attributes restrict their values.
@@ -263,7 +276,7 @@ class Layer:
             state = tuple(np.zeros(shape) for shape in self.state_shapes(0))
             return tuple(np.zeros((0,) + out.shape)
                          for out in cp_.outputs), state
-        Av, Bv, C, w, _ = self._data(theta)
+        Av, Bv, C, w, _, Pv = self._data(theta)
         if warm_start is None and self.warm_start:
             last = self._last_solution
             if last is not None and last[0].shape[0] == batch:
@@ -271,8 +284,9 @@ class Layer:
                 prev = self._previous_solution
                 if self.refine and prev is not None and \
                         prev[0].shape[0] == batch:
-                    warm_start = self._extrapolate(Av, Bv, C, prev, last)
-        X, Y, S = self._solve_batch(Av, Bv, C, batched, warm_start)
+                    warm_start = self._extrapolate(Av, Bv, C, Pv, prev,
+                                                   last)
+        X, Y, S = self._solve_batch(Av, Bv, C, Pv, batched, warm_start)
         if self.warm_start:
             self._previous_solution = self._last_solution
             self._last_solution = (X, Y, S)
@@ -328,7 +342,7 @@ class Layer:
             return self._split_gradient(np.zeros((0, theta.shape[1])),
                                         values, 0, needs_grad)
 
-        Av, Bv, C, w, vals_e = self._data(theta)
+        Av, Bv, C, w, vals_e, Pv = self._data(theta)
 
         N = cp_.n + cp_.m + 1
         if N <= _adjoint.DENSE_LIMIT:
@@ -341,26 +355,28 @@ class Layer:
                 sl = slice(lo, lo + step)
                 return _adjoint.adjoint_dense(
                     Av[sl], rows, cols, Bv[sl], C[sl], X[sl], Y[sl], S[sl],
-                    gx[sl], gy[sl], gs[sl], cp_.dims)
+                    gx[sl], gy[sl], gs[sl], cp_.dims, P=self._quad(Pv[sl]))
 
             results = self._map(chunk, range(0, batch, step))
-            dA = np.concatenate([r[0] for r in results])
-            db = np.concatenate([r[1] for r in results])
-            dc = np.concatenate([r[2] for r in results])
+            dA, db, dc, dP = (np.concatenate([r[k] for r in results])
+                              for k in range(4))
         else:
             def one(i):
                 A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
                                       (cp_.m, cp_.n))
+                P = self._quad(Pv[i])
                 return _adjoint.adjoint_one(A, Bv[i], C[i], X[i], Y[i],
                                             S[i], gx[i], gy[i], gs[i],
-                                            cp_.dims)
+                                            cp_.dims, P=P)
 
             results = self._map(one, range(batch))
-            dA = np.stack([r[0] for r in results])
-            db = np.stack([r[1] for r in results])
-            dc = np.stack([r[2] for r in results])
-        T_A_t, T_b_t, T_c_t, T_Ae_t, W_map_t, rows_t, cols_t = self._T_t
+            dA, db, dc, dP = (np.stack([r[k] for r in results])
+                              for k in range(4))
+        T_A_t, T_b_t, T_c_t, T_Ae_t, W_map_t, rows_t, cols_t, T_P_t = \
+            self._T_t
         dtheta = _times(dA, T_A_t) + _times(db, T_b_t) + _times(dc, T_c_t)
+        if cp_.has_P:
+            dtheta = dtheta + _times(dP, T_P_t)
         if cp_.elim.size:
             # Chain rule through b = T_b theta - A_e(theta) w(theta).
             dbe = _times(db, rows_t)               # db at each A_e value
@@ -378,7 +394,8 @@ class Layer:
     # -- internals -------------------------------------------------------
 
     def _data(self, theta):
-        """Cone data for the batch: (A values, b, c, w, A_e values).
+        """Cone data for the batch: (A values, b, c, w, A_e values, P
+        values).
 
         The last result is kept: the backward pass of a call asks for the
         same theta again (checked entry by entry).
@@ -402,7 +419,8 @@ class Layer:
         if elim.size:
             contrib = vals_e * (self._to_cols @ w.T).T
             Bv = Bv - (self._to_rows @ contrib.T).T
-        return Av, Bv, C, w, vals_e
+        Pv = np.asarray(cp_.T_P @ theta.T).T
+        return Av, Bv, C, w, vals_e, Pv
 
     def _dense_jobs(self, batch):
         """Threads for the stacked dense work (refinement, adjoint).
@@ -445,7 +463,21 @@ class Layer:
         self.__dict__.update(state)
         self._local = threading.local()
 
-    def _solve_batch(self, Av, Bv, C, batched, warm_start):
+    def _quad(self, Pv):
+        """The quadratic term (values, rows, cols) for refine and adjoint,
+        or None without one."""
+        if not self.compiled.has_P:
+            return None
+        return (Pv, self.compiled.P_rows, self.compiled.P_cols)
+
+    def _P_matrix(self, Pv, i):
+        """Element i's P for SCS (upper triangle), or None."""
+        if not self.compiled.has_P:
+            return None
+        cp_ = self.compiled
+        return _solve.assemble_P(Pv[i], cp_.P_rows, cp_.P_cols, cp_.n)
+
+    def _solve_batch(self, Av, Bv, C, Pv, batched, warm_start):
         cp_ = self.compiled
         batch = C.shape[0]
         options = self._first_options
@@ -453,6 +485,8 @@ class Layer:
         X = np.zeros((batch, cp_.n))
         Y = np.zeros((batch, cp_.m))
         S = np.zeros((batch, cp_.m))
+        if cp_.m == 0:
+            return self._solve_unconstrained(Av, Bv, C, Pv, X, Y, S, batched)
         todo = np.arange(batch)
         warm = None
         if warm_start is not None:
@@ -463,7 +497,7 @@ class Layer:
                 # from scratch: a point that Newton steps could not use
                 # (say, the solution of very different parameters) can
                 # also keep SCS from converging.
-                Xr, Yr, Sr, res = self._refine_chunks(Av, Bv, C, *warm,
+                Xr, Yr, Sr, res = self._refine_chunks(Av, Bv, C, Pv, *warm,
                                                       max_steps=_WARM_STEPS)
                 done = res <= _WARM_ACCEPT
                 X[done], Y[done], S[done] = Xr[done], Yr[done], Sr[done]
@@ -481,7 +515,7 @@ class Layer:
             zeros = (np.zeros((batch, cp_.n)), np.zeros((batch, cp_.m)),
                      np.zeros((batch, cp_.m)))
             Xr, Yr, Sr, res = self._refine_chunks(
-                Av, Bv, C, *zeros, max_steps=_COLD_STEPS,
+                Av, Bv, C, Pv, *zeros, max_steps=_COLD_STEPS,
                 give_up=(_COLD_CHECK, _COLD_GIVE_UP))
             done = res <= _WARM_ACCEPT
             X[done], Y[done], S[done] = Xr[done], Yr[done], Sr[done]
@@ -506,7 +540,8 @@ class Layer:
             def one(i):
                 workspace = getattr(local, "workspace", None)
                 if workspace is None:
-                    workspace = _solve.Workspace(A, cone, options)
+                    workspace = _solve.Workspace(A, cone, options,
+                                                 self._P_matrix(Pv, 0))
                     local.workspace = workspace
                 return workspace.solve(Bv[i], C[i], warm_for(i))
         else:
@@ -514,7 +549,7 @@ class Layer:
                 A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
                                       (cp_.m, cp_.n))
                 return _solve.solve_one(A, Bv[i], C[i], cone, options,
-                                        warm_for(i))
+                                        warm_for(i), self._P_matrix(Pv, i))
 
         if todo.size == 0:
             return X, Y, S
@@ -537,16 +572,38 @@ class Layer:
         S[todo] = np.stack([r[2] for r in results]).reshape(-1, cp_.m)
         # Without refinement the user's SCS settings decide: inaccurate
         # elements (say, of a deliberately low max_iters) only warn.
-        _solve.check_statuses([r[3] for r in results],
-                              [r[4] for r in results], batched,
-                              indices=todo, batch_size=batch,
-                              warn=not self.refine)
-        if self.refine:
-            sub = (Av[todo], Bv[todo], C[todo])
+        if not self.refine:
+            _solve.check_statuses([r[3] for r in results],
+                                  [r[4] for r in results], batched,
+                                  indices=todo, batch_size=batch)
+            return X, Y, S
+        # Elements SCS's first pass failed on are reported together with
+        # those that fail after refinement (one error naming all of them).
+        failed = _solve.failures([r[3] for r in results],
+                                 [r[4] for r in results], indices=todo)
+        if failed:
+            todo = todo[~np.isin(todo, list(failed))]
+        if todo.size:
+            sub = (Av[todo], Bv[todo], C[todo], Pv[todo])
             Xr, Yr, Sr = self._refine(*sub, X[todo], Y[todo], S[todo],
-                                      todo, batched, batch)
+                                      todo, failed)
             X[todo], Y[todo], S[todo] = Xr, Yr, Sr
+        if failed:
+            raise _solve.solver_error(failed, batched, batch)
         return X, Y, S
+
+    def _solve_unconstrained(self, Av, Bv, C, Pv, X, Y, S, batched):
+        """A program without constraints (SCS needs at least one): with a
+        quadratic objective, the solution of P x = -c, one Newton step
+        from the origin; without a solution (P singular and c not in its
+        range, or no quadratic term) the program is unbounded."""
+        Xr, Yr, Sr, res = self._refine_chunks(Av, Bv, C, Pv, X, Y, S)
+        bad = np.flatnonzero(~(res <= _REFINE_ACCEPT))
+        if bad.size:
+            raise _solve.solver_error(
+                {int(i): "unbounded (no constraints, and P x = -c has no "
+                 "solution)" for i in bad}, batched, X.shape[0])
+        return Xr, Yr, Sr
 
     def _check_state(self, state, batch):
         """The arrays of a ``state`` for this batch size, or ValueError."""
@@ -565,7 +622,7 @@ class Layer:
             arrays.append(w.reshape(shape))
         return arrays
 
-    def _extrapolate(self, Av, Bv, C, prev, last):
+    def _extrapolate(self, Av, Bv, C, Pv, prev, last):
         """The better, per element, of the last solution and its linear
         extrapolation from the one before (parameters that moved by similar
         steps in the last two calls, as in a training loop with momentum,
@@ -583,10 +640,12 @@ class Layer:
               if cp_.m and cp_.n else None)
 
         shared = _reduced.is_shared(Av)
+        Pq = _reduced.dense_P(self._quad(Pv), cp_.n)
 
         def res(X, Y, S):
             return np.maximum(
-                _refine.residual(Av, rows, cols, Bv, C, X, Y, S, Ad, shared),
+                _refine.residual(Av, rows, cols, Bv, C, X, Y, S, Ad, shared,
+                                 Pq),
                 _refine._cone_residual(Y, S, dims))
 
         better = res(Xe, Ye, Se) < res(*last)
@@ -594,7 +653,8 @@ class Layer:
         return (np.where(pick, Xe, last[0]), np.where(pick, Ye, last[1]),
                 np.where(pick, Se, last[2]))
 
-    def _refine_chunks(self, Av, Bv, C, X, Y, S, max_steps=6, give_up=None):
+    def _refine_chunks(self, Av, Bv, C, Pv, X, Y, S, max_steps=6,
+                       give_up=None):
         """Refine the batch in chunks on the thread pool."""
         cp_ = self.compiled
         batch = X.shape[0]
@@ -607,31 +667,35 @@ class Layer:
             sl = slice(lo, lo + step)
             return _refine.refine(Av[sl], rows, cols, Bv[sl], C[sl], X[sl],
                                   Y[sl], S[sl], cp_.dims,
-                                  max_steps=max_steps, give_up=give_up)
+                                  max_steps=max_steps, give_up=give_up,
+                                  P=self._quad(Pv[sl]))
 
         results = self._map(chunk, range(0, batch, step))
         return tuple(np.concatenate([r[k] for r in results])
                      for k in range(4))
 
-    def _refine(self, Av, Bv, C, X, Y, S, indices, batched, batch_size):
+    def _refine(self, Av, Bv, C, Pv, X, Y, S, indices, failures):
         """Newton-polish the batch; re-solve what does not refine.
 
         An element whose Newton steps do not converge (typically SCS's
         point did not yet show the active set) is solved again by SCS from
         there at a medium tolerance and refined once more; what still fails
-        is solved at the tight tolerance, with the usual status checks.
+        is solved at the tight tolerance, with the usual status checks:
+        elements that fail them are added to ``failures`` (batch index ->
+        status) under their ``indices``.
         """
         batch = X.shape[0]
-        X, Y, S, res = self._refine_chunks(Av, Bv, C, X, Y, S)
+        X, Y, S, res = self._refine_chunks(Av, Bv, C, Pv, X, Y, S)
         failed = np.flatnonzero(~(res <= _REFINE_ACCEPT))
         if failed.size:
             logger.info("refinement left %d of %d elements above %.0e; "
                         "solving them again from there",
                         failed.size, batch, _REFINE_ACCEPT)
-            sub = self._resolve(Av, Bv, C, X, Y, S, failed, _RESOLVE_EPS)
+            sub = self._resolve(Av, Bv, C, Pv, X, Y, S, failed,
+                                _RESOLVE_EPS)
             if sub is not None:
                 Xf, Yf, Sf, resf = self._refine_chunks(
-                    Av[failed], Bv[failed], C[failed], *sub)
+                    Av[failed], Bv[failed], C[failed], Pv[failed], *sub)
                 done = resf <= _REFINE_ACCEPT
                 ok = failed[done]
                 X[ok], Y[ok], S[ok] = Xf[done], Yf[done], Sf[done]
@@ -639,7 +703,7 @@ class Layer:
         if failed.size:
             logger.info("%d of %d elements solved again at tight tolerance",
                         failed.size, batch)
-            results = self._resolve(Av, Bv, C, X, Y, S, failed,
+            results = self._resolve(Av, Bv, C, Pv, X, Y, S, failed,
                                     _solve.DEFAULT_SOLVER_OPTIONS["eps_abs"],
                                     raw=True)
             for i, r in zip(failed, results):
@@ -649,16 +713,25 @@ class Layer:
             # conditions; nearly infeasible programs end here with points
             # that violate their constraints.
             status_vals = [r[3] for r in results]
-            _solve.check_statuses(
-                status_vals, [r[4] for r in results], batched,
-                indices=np.asarray(indices)[failed], batch_size=batch_size,
+            failures.update(_solve.failures(
+                status_vals, [r[4] for r in results],
+                indices=np.asarray(indices)[failed],
                 residuals=None if self._user_limits else
                 self._inaccurate_residuals(
-                    Av[failed], Bv[failed], C[failed], X[failed], Y[failed],
-                    S[failed], status_vals))
+                    Av[failed], Bv[failed], C[failed], Pv[failed], X[failed],
+                    Y[failed], S[failed], status_vals)))
+            inaccurate = [int(i) for i, v in zip(
+                np.asarray(indices)[failed], status_vals)
+                if v == _solve.SOLVED_INACCURATE and int(i) not in failures]
+            if inaccurate:
+                warnings.warn(
+                    "SCS returned an inaccurate solution for batch "
+                    f"element(s) {inaccurate[:20]}; outputs and gradients "
+                    "may be inaccurate. Raise max_iters in solver_options.",
+                    RuntimeWarning, stacklevel=5)
         return X, Y, S
 
-    def _inaccurate_residuals(self, Av, Bv, C, X, Y, S, status_vals):
+    def _inaccurate_residuals(self, Av, Bv, C, Pv, X, Y, S, status_vals):
         """Relative KKT residuals (with the distance of y and s from their
         cones) of the elements SCS reported as inaccurate; 0 for others."""
         status_vals = np.asarray(status_vals)
@@ -668,14 +741,15 @@ class Layer:
             return out
         cp_ = self.compiled
         kkt = _refine.residual(Av[k], cp_.A_indices, self._A_cols, Bv[k],
-                               C[k], X[k], Y[k], S[k])
+                               C[k], X[k], Y[k], S[k],
+                               Pq=_reduced.dense_P(self._quad(Pv[k]), cp_.n))
         scale = 1.0 + np.maximum(np.abs(Y[k]).max(axis=1, initial=0.0),
                                  np.abs(S[k]).max(axis=1, initial=0.0))
         cone = _refine._cone_residual(Y[k], S[k], cp_.dims) / scale
         out[k] = np.maximum(kkt, cone)
         return out
 
-    def _resolve(self, Av, Bv, C, X, Y, S, which, eps, raw=False):
+    def _resolve(self, Av, Bv, C, Pv, X, Y, S, which, eps, raw=False):
         """SCS from (X, Y, S) at tolerance ``eps`` for the elements
         ``which``: the raw results if ``raw``, else stacked (X, Y, S), or
         None if any of them failed (the tight pass then reports it)."""
@@ -689,7 +763,7 @@ class Layer:
             A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
                                   (cp_.m, cp_.n))
             return _solve.solve_one(A, Bv[i], C[i], self._cone, options,
-                                    (X[i], Y[i], S[i]))
+                                    (X[i], Y[i], S[i]), self._P_matrix(Pv, i))
 
         results = self._map(one, which)
         if raw:

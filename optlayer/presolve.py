@@ -54,7 +54,8 @@ class Elimination:
         return int(self.elim_cols.size)
 
 
-def find_pinned(n, zero_rows, T_b, T_A, rows, cols, protected_rows=()):
+def find_pinned(n, zero_rows, T_b, T_A, rows, cols, protected_rows=(),
+                protected_cols=()):
     """Find pinned variables; return (dict col -> sparse row w, pin rows).
 
     Args:
@@ -65,6 +66,8 @@ def find_pinned(n, zero_rows, T_b, T_A, rows, cols, protected_rows=()):
         rows, cols: position of each value of A.
         protected_rows: rows that must be kept (e.g. their dual is an
             output).
+        protected_cols: variables that must be kept (e.g. they enter the
+            quadratic objective).
     """
     T_A = sp.csr_matrix(T_A)
     T_b = sp.csr_matrix(T_b)
@@ -94,6 +97,8 @@ def find_pinned(n, zero_rows, T_b, T_A, rows, cols, protected_rows=()):
             if len(free) != 1:
                 continue
             k = free[0]
+            if int(cols[k]) in protected_cols:
+                continue
             a = coef[k]
             if abs(a) < 1e-12:
                 continue

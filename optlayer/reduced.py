@@ -52,6 +52,10 @@ column becomes an identity row), so that K has n + (other hard
 directions) unknowns; a column with two such rows keeps them as ordinary
 hard rows. The adjoint system is treated alike.
 
+A quadratic objective (1/2) x'Px (SCS's P; to avoid a clash of names,
+``Pq`` in the code) adds Px to F's first block and Pq to J's top-left
+block, and so to K's: K11 = Pq + A~' G A~, still positive semidefinite.
+
 When J is singular (non-unique solutions, degenerate programs) K is too;
 it is then solved with a small quasi-definite regularization, and callers
 check the result against J and fall back to the bordered systems.
@@ -71,6 +75,17 @@ def dense_A(Av, rows, cols, m, n):
     Ad = np.zeros((Av.shape[0], m, n))
     Ad[:, rows, cols] = Av
     return Ad
+
+
+def dense_P(P, n):
+    """(B, n, n) dense copies of the objective's P from ``P`` = (values
+    (B, nnz), rows, cols); None for None."""
+    if P is None:
+        return None
+    Pv, rows, cols = P
+    Pd = np.zeros((Pv.shape[0], n, n))
+    Pd[:, rows, cols] = Pv
+    return Pd
 
 
 def is_shared(Av):
@@ -242,9 +257,11 @@ class System:
         Ad: (B, m, n) dense A per element.
         st: the :class:`Structure` of P at the points.
         shared: True if every element has the same A (None: find out).
+        Pq: (B, n, n) the objective's quadratic term, if any: it adds to
+            the first block of J (and of K).
     """
 
-    def __init__(self, Ad, st, shared=None):
+    def __init__(self, Ad, st, shared=None, Pq=None):
         B, m, n = Ad.shape
         self.Ad, self.st, self.n = Ad, st, n
         if shared is None:
@@ -259,7 +276,7 @@ class System:
         hard = np.zeros((B, m + nsoc), dtype=bool)
         lam_c = np.ones((B, m + nsoc))
         hard[:, :zl] = st.lam_diag > 0.5
-        K11 = np.zeros((B, n, n))
+        K11 = np.zeros((B, n, n)) if Pq is None else Pq.copy()
         self.gen = []
         for i, j, lam, U in st.generic:
             At = np.swapaxes(U, 1, 2) @ Ad[:, i:j]
@@ -612,10 +629,13 @@ def _solve_regularized(K, rhs, n=None):
     return sol
 
 
-def apply_JT(Ad, st, r1, r2, shared=False):
-    """J' (r1, r2) = (-A' r2, P A r1 + (I - P) r2), for checks."""
+def apply_JT(Ad, st, r1, r2, shared=False, Pq=None):
+    """J' (r1, r2) = (Pq r1 - A' r2, P A r1 + (I - P) r2), for checks
+    (``Pq``: the objective's quadratic term, None for 0)."""
     Ar1 = matvec(Ad, r1, shared)
     top = -rmatvec(Ad, r2, shared)
+    if Pq is not None:
+        top = top + bmv(Pq, r1)
     return top, st.apply_P(Ar1) + r2 - st.apply_P(r2)
 
 
@@ -637,11 +657,14 @@ def use_full(batch, n, m):
     return 0 < k <= FULL_SIZE and batch * k ** 3 <= FULL_WORK
 
 
-def full_jacobian(Ad, P):
-    """J = [[0, A'P], [-A, I - P]] for each element, (B, n + m, n + m),
-    from the dense A (B, m, n) and P = DPi_{K*}(v) (B, m, m)."""
+def full_jacobian(Ad, P, Pq=None):
+    """J = [[Pq, A'P], [-A, I - P]] for each element, (B, n + m, n + m),
+    from the dense A (B, m, n), P = DPi_{K*}(v) (B, m, m) and the
+    objective's quadratic term Pq (B, n, n; None for 0)."""
     B, m, n = Ad.shape
     J = np.zeros((B, n + m, n + m))
+    if Pq is not None:
+        J[:, :n, :n] = Pq
     J[:, :n, n:] = np.swapaxes(Ad, 1, 2) @ P
     J[:, n:, :n] = -Ad
     J[:, n:, n:] = -P

@@ -27,14 +27,16 @@ from optlayer import cones
 from optlayer import reduced as _reduced
 
 
-def residual(Av, rows, cols, Bv, C, X, Y, S, Ad=None, shared=False):
+def residual(Av, rows, cols, Bv, C, X, Y, S, Ad=None, shared=False,
+             Pq=None):
     """The KKT residuals of each element, relative to the data's scale.
 
     Returns the largest of the primal residual ||Ax + s - b||, the dual
-    residual ||A'y + c|| and the duality gap |c'x + b'y|, each divided by
-    1 + the size of the data it involves (infinity norms). ``Ad``, the
-    (B, m, n) dense A if the caller has it, makes the products cheaper
-    (``shared``: it is the same for every element).
+    residual ||Px + A'y + c|| and the duality gap |x'Px + c'x + b'y|,
+    each divided by 1 + the size of the data it involves (infinity
+    norms). ``Ad``, the (B, m, n) dense A if the caller has it, makes the
+    products cheaper (``shared``: it is the same for every element);
+    ``Pq``: the (B, n, n) quadratic term of the objective, if any.
     """
     if Ad is not None:
         Ax = _reduced.matvec(Ad, X, shared)
@@ -44,18 +46,33 @@ def residual(Av, rows, cols, Bv, C, X, Y, S, Ad=None, shared=False):
         np.add.at(Ax.T, rows, (Av * X[:, cols]).T)
         ATy = np.zeros_like(X)
         np.add.at(ATy.T, cols, (Av * Y[:, rows]).T)
-    return _relative(ATy + C, Bv - Ax - S, Bv, C, X, Y)
+    F1, xPx = _with_quadratic(ATy + C, X, Pq)
+    return _relative(F1, Bv - Ax - S, Bv, C, X, Y, xPx)
 
 
-def _relative(F1, F2, Bv, C, X, Y):
-    """The relative KKT residual from F1 = A'y + c and F2 = b - Ax - s."""
+def _with_quadratic(F1, X, Pq):
+    """(F1 + P x, x'Px) for the objective's quadratic term Pq, or (F1,
+    None) without one."""
+    if Pq is None:
+        return F1, None
+    Px = _reduced.bmv(Pq, X)
+    return F1 + Px, np.einsum("bi,bi->b", X, Px)
+
+
+def _relative(F1, F2, Bv, C, X, Y, xPx=None):
+    """The relative KKT residual from F1 = Px + A'y + c and F2 = b - Ax - s
+    (``xPx``: x'Px, None without a quadratic term)."""
     scale_b = 1.0 + np.abs(Bv).max(axis=1, initial=0.0)
     scale_c = 1.0 + np.abs(C).max(axis=1, initial=0.0)
     primal = np.abs(F2).max(axis=1, initial=0.0) / scale_b
     dual = np.abs(F1).max(axis=1, initial=0.0) / scale_c
     cx = np.einsum("bi,bi->b", C, X)
     by = np.einsum("bi,bi->b", Bv, Y)
-    gap = np.abs(cx + by) / (1.0 + np.abs(cx) + np.abs(by))
+    if xPx is None:
+        gap = np.abs(cx + by) / (1.0 + np.abs(cx) + np.abs(by))
+    else:
+        gap = np.abs(xPx + cx + by) / (1.0 + np.abs(xPx) + np.abs(cx)
+                                       + np.abs(by))
     return np.maximum(np.maximum(primal, dual), gap)
 
 
@@ -68,7 +85,7 @@ def _cone_residual(Y, S, dims):
 
 
 def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6,
-           give_up=None):
+           give_up=None, P=None):
     """Refine solutions in place by Newton steps on the residual map.
 
     Args:
@@ -81,13 +98,20 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6,
         give_up: optional (steps, level): after that many steps, elements
             whose current residual is above ``level`` stop (for starts
             from which Newton steps may not converge at all).
+        P: the objective's quadratic term as (values (B, nnz), rows,
+            cols), or None.
 
     Returns:
         (X, Y, S, res): refined points and their relative KKT residuals.
     """
     X, Y, S = X.copy(), Y.copy(), S.copy()
     n, m = X.shape[1], Y.shape[1]
-    Ad = _reduced.dense_A(Av, rows, cols, m, n) if n and m else None
+    Pq = _reduced.dense_P(P, n)
+    # Without constraints, a quadratic objective still takes the full
+    # Jacobian (J = P); the bordered step has no quadratic term.
+    only_full = Pq is not None and m == 0
+    Ad = (_reduced.dense_A(Av, rows, cols, m, n)
+          if n and (m or only_full) else None)
     shared = _reduced.is_shared(Av)
     # The iterate (Xc, Vc) moves by full Newton steps even where a step
     # does not lower the residual (a semismooth step that changes the
@@ -100,16 +124,17 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6,
         # and s = y - v, which lie in their cones by construction (for a
         # start point that is a solution, they are y and s).
         Yc = cones.project_batch(Vc, dims, dual=True)
-        F1c = _reduced.rmatvec(Ad, Yc, shared) + C
+        F1c, xPx = _with_quadratic(_reduced.rmatvec(Ad, Yc, shared) + C,
+                                   Xc, Pq)
         F2c = Bv - _reduced.matvec(Ad, Xc, shared) - (Yc - Vc)
         Y, S = Yc.copy(), Yc - Vc
-        res = _relative(F1c, F2c, Bv, C, X, Y)
+        res = _relative(F1c, F2c, Bv, C, X, Y, xPx)
     else:
         res = np.maximum(residual(Av, rows, cols, Bv, C, X, Y, S),
                          _cone_residual(Y, S, dims))
     alive = np.ones(X.shape[0], dtype=bool)
     current = res.copy()
-    full = _reduced.use_full(X.shape[0], n, m)
+    full = only_full or _reduced.use_full(X.shape[0], n, m)
     for step in range(max_steps):
         if give_up is not None and step == give_up[0]:
             alive &= ~(current > give_up[1])
@@ -117,26 +142,36 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6,
         if a.size == 0:
             break
         Xn = Vn = None
-        Ad_a = None if Ad is None else (Ad if a.size == Ad.shape[0]
-                                        else Ad[a])
+        every = a.size == X.shape[0]
+        Ad_a = None if Ad is None else (Ad if every else Ad[a])
+        Pq_a = None if Pq is None else (Pq if every else Pq[a])
         if Ad is not None:
             F = (F1c[a], F2c[a])
             if full:
-                Xn, Vn = _full_step(Ad_a, Xc[a], Vc[a], dims, F)
+                Xn, Vn = _full_step(Ad_a, Xc[a], Vc[a], dims, F, Pq_a)
                 ok = _finite(Xn, Vn)
-                if not ok.all():
+                if not ok.all() and not only_full:
                     # Singular J: the reduced system's regularized step.
                     sub = np.flatnonzero(~ok)
                     Xn[sub], Vn[sub] = _reduced_step(
                         Ad_a[sub], Bv[a[sub]], C[a[sub]], Xc[a[sub]],
-                        Vc[a[sub]], dims, (F[0][sub], F[1][sub]), shared)
+                        Vc[a[sub]], dims, (F[0][sub], F[1][sub]), shared,
+                        None if Pq is None else Pq_a[sub])
             else:
                 Xn, Vn = _reduced_step(Ad_a, Bv[a], C[a], Xc[a], Vc[a],
-                                       dims, F, shared)
+                                       dims, F, shared, Pq_a)
+                ok = _finite(Xn, Vn)
+                if not ok.all() and Pq is not None:
+                    # The bordered step below has no quadratic term: the
+                    # full Jacobian's regularized step instead.
+                    sub = np.flatnonzero(~ok)
+                    Xn[sub], Vn[sub] = _full_step(
+                        Ad_a[sub], Xc[a[sub]], Vc[a[sub]], dims,
+                        (F[0][sub], F[1][sub]), Pq_a[sub])
             ok = _finite(Xn, Vn)
         else:
             ok = np.zeros(a.size, dtype=bool)
-        if not ok.all():
+        if not ok.all() and Pq is None:
             # Singular reduced system: the bordered homogeneous step.
             sub = np.flatnonzero(~ok)
             Xb, Vb = _bordered_step(Av[a[sub]], rows, cols, Bv[a[sub]],
@@ -157,10 +192,12 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6,
         else:
             if not ok.all():
                 Ad_a = Ad_a[ok]
-            F1n = _reduced.rmatvec(Ad_a, Yn, shared) + C[a]
+                Pq_a = None if Pq is None else Pq_a[ok]
+            F1n, xPx = _with_quadratic(
+                _reduced.rmatvec(Ad_a, Yn, shared) + C[a], Xn, Pq_a)
             F2n = Bv[a] - _reduced.matvec(Ad_a, Xn, shared) - Sn
             F1c[a], F2c[a] = F1n, F2n
-            new_res = _relative(F1n, F2n, Bv[a], C[a], Xn, Yn)
+            new_res = _relative(F1n, F2n, Bv[a], C[a], Xn, Yn, xPx)
         current[a] = new_res
         better = new_res < res[a]
         keep = a[better]
@@ -178,31 +215,33 @@ def _finite(X, V):
 _FULL_SOLVE_TOL = 1e-9
 
 
-def _full_step(Ad, X, V, dims, F):
+def _full_step(Ad, X, V, dims, F, Pq=None):
     """One Newton step on F(x, v) = 0 with the full Jacobian J, for small
-    programs (see ``reduced.use_full``); NaN where J is singular."""
+    programs (see ``reduced.use_full``); NaN where J is singular. ``Pq``:
+    the objective's quadratic term, if any."""
     n = X.shape[1]
     P = cones.dproject_batch_dense(V, dims, dual=True)
-    J = _reduced.full_jacobian(Ad, P)
+    J = _reduced.full_jacobian(Ad, P, Pq)
     d = _reduced.solve_checked(J, -np.concatenate(F, axis=1),
                                _FULL_SOLVE_TOL)
     return X + d[:, :n], V + d[:, n:]
 
 
-def _reduced_step(Ad, Bv, C, X, V, dims, F=None, shared=False):
+def _reduced_step(Ad, Bv, C, X, V, dims, F=None, shared=False, Pq=None):
     """One Newton step on F(x, v) = 0 by the reduced system.
 
     ``F``, the pair (F1, F2) at (X, V) if the caller has it, saves its
-    evaluation; ``shared``: every element has the same A.
+    evaluation; ``shared``: every element has the same A; ``Pq``: the
+    objective's quadratic term, if any.
     """
     if F is None:
         Y = cones.project_batch(V, dims, dual=True)
-        F1 = _reduced.rmatvec(Ad, Y, shared) + C
+        F1, _ = _with_quadratic(_reduced.rmatvec(Ad, Y, shared) + C, X, Pq)
         F2 = Bv - _reduced.matvec(Ad, X, shared) - (Y - V)
     else:
         F1, F2 = F
     st = _reduced.Structure(V, dims)
-    dx, dv = _reduced.System(Ad, st, shared).newton(F1, F2)
+    dx, dv = _reduced.System(Ad, st, shared, Pq).newton(F1, F2)
     return X + dx, V + dv
 
 

@@ -74,9 +74,14 @@ def check_options(options):
             f"solver_options were rejected by SCS: {exc}.{hint}") from exc
 
 
-def solve_one(A, b, c, cone, options, warm=None):
-    """Solve one cone program; return (x, y, s, status_val, status)."""
+def solve_one(A, b, c, cone, options, warm=None, P=None):
+    """Solve one cone program; return (x, y, s, status_val, status).
+
+    ``P``: the objective's quadratic term (upper triangle, CSC), if any.
+    """
     data = {"A": A, "b": b, "c": c}
+    if P is not None:
+        data["P"] = P
     solver = scs.SCS(data, cone, **options)
     if warm is not None:
         result = solver.solve(warm_start=True, x=warm[0], y=warm[1],
@@ -95,12 +100,13 @@ class Workspace:
     change b and c. A workspace is used by one thread at a time.
     """
 
-    def __init__(self, A, cone, options):
+    def __init__(self, A, cone, options, P=None):
         n = A.shape[1]
         m = A.shape[0]
-        self._solver = scs.SCS(
-            {"A": A, "b": np.zeros(m), "c": np.zeros(n)}, cone, **options
-        )
+        data = {"A": A, "b": np.zeros(m), "c": np.zeros(n)}
+        if P is not None:
+            data["P"] = P
+        self._solver = scs.SCS(data, cone, **options)
 
     def solve(self, b, c, warm=None):
         """Solve with new b and c; return (x, y, s, status_val, status)."""
@@ -139,49 +145,14 @@ def check_statuses(status_vals, statuses, batched, indices=None,
     """
     import warnings
 
+    failed = failures(status_vals, statuses, indices, residuals)
+    batch_size = len(statuses) if batch_size is None else batch_size
+    if failed:
+        raise solver_error(failed, batched, batch_size)
     status_vals = np.asarray(status_vals)
     if indices is None:
         indices = np.arange(status_vals.size)
-    indices = np.asarray(indices)
-    statuses = list(statuses)
-    if residuals is not None:
-        residuals = np.asarray(residuals)
-        too_far = (status_vals == SOLVED_INACCURATE) & ~(
-            residuals <= INACCURATE_LIMIT)
-        for k in np.flatnonzero(too_far):
-            statuses[k] = (f"{statuses[k]}, relative KKT residual "
-                           f"{residuals[k]:.1e}")
-        status_vals = np.where(too_far, -1, status_vals)
-    statuses = dict(zip(indices.tolist(), statuses))
-    batch_size = status_vals.size if batch_size is None else batch_size
-    failed = indices[(status_vals != SOLVED)
-                     & (status_vals != SOLVED_INACCURATE)]
-    if failed.size:
-        if batched:
-            listing = ", ".join(f"{i}: {statuses[i]}" for i in failed[:20])
-            more = ("" if failed.size <= 20
-                    else f" (and {failed.size - 20} more)")
-            what = (f"{failed.size} of {batch_size} batch elements "
-                    f"(element: status) {listing}{more}")
-        else:
-            what = f"the problem: {statuses[failed[0]]}"
-        hint = ""
-        if any("inaccurate" in statuses[i] for i in failed):
-            hint = (" Inaccurate statuses on a feasible problem usually "
-                    "mean badly scaled data: squared norms (sum_squares, "
-                    "quad_form) of quantities of size 100 or more become "
-                    "cone constraints on their squares that SCS cannot "
-                    "solve accurately; rescale such parameters to about "
-                    "1.")
-        raise SolverError(
-            f"The solver failed on {what}. "
-            "Check that the parameter values give a feasible, bounded "
-            "problem; for 'solved_inaccurate' or iteration limits, raise "
-            "max_iters or loosen eps_abs/eps_rel in solver_options." + hint,
-            elements=failed,
-            statuses=[statuses[i] for i in failed],
-        )
-    inaccurate = indices[status_vals == SOLVED_INACCURATE]
+    inaccurate = np.asarray(indices)[status_vals == SOLVED_INACCURATE]
     if inaccurate.size and warn:
         warnings.warn(
             "SCS returned an inaccurate solution for batch element(s) "
@@ -192,6 +163,63 @@ def check_statuses(status_vals, statuses, batched, indices=None,
         )
 
 
+def failures(status_vals, statuses, indices=None, residuals=None):
+    """The failed elements as a dict batch index -> status text (see
+    :func:`check_statuses` for the arguments)."""
+    status_vals = np.asarray(status_vals)
+    if indices is None:
+        indices = np.arange(status_vals.size)
+    statuses = list(statuses)
+    if residuals is not None:
+        residuals = np.asarray(residuals)
+        too_far = (status_vals == SOLVED_INACCURATE) & ~(
+            residuals <= INACCURATE_LIMIT)
+        for k in np.flatnonzero(too_far):
+            statuses[k] = (f"{statuses[k]}, relative KKT residual "
+                           f"{residuals[k]:.1e}")
+        status_vals = np.where(too_far, -1, status_vals)
+    bad = (status_vals != SOLVED) & (status_vals != SOLVED_INACCURATE)
+    return {int(i): statuses[k] for k, i in
+            zip(np.flatnonzero(bad), np.asarray(indices)[bad])}
+
+
+def solver_error(failed, batched, batch_size):
+    """The SolverError for ``failed`` (batch index -> status text)."""
+    order = sorted(failed)
+    if batched:
+        listing = ", ".join(f"{i}: {failed[i]}" for i in order[:20])
+        more = "" if len(order) <= 20 else f" (and {len(order) - 20} more)"
+        what = (f"{len(order)} of {batch_size} batch elements "
+                f"(element: status) {listing}{more}")
+    else:
+        what = f"the problem: {failed[order[0]]}"
+    hint = ""
+    if any("inaccurate" in failed[i] for i in order):
+        hint = (" Inaccurate statuses on a feasible problem usually mean "
+                "badly scaled data: squared norms (sum_squares, quad_form) "
+                "of quantities of size 100 or more become cone "
+                "constraints on their squares that SCS cannot solve "
+                "accurately. In the objective, construct the layer with "
+                "quadratic_objective=True, which keeps them quadratic; "
+                "elsewhere, rescale such parameters to about 1.")
+    return SolverError(
+        f"The solver failed on {what}. "
+        "Check that the parameter values give a feasible, bounded "
+        "problem; for 'solved_inaccurate' or iteration limits, raise "
+        "max_iters or loosen eps_abs/eps_rel in solver_options." + hint,
+        elements=order,
+        statuses=[failed[i] for i in order],
+    )
+
+
 def assemble_A(values, indices, indptr, shape):
     """A CSC matrix with a fixed pattern and the given values."""
     return sp.csc_matrix((values, indices, indptr), shape=shape)
+
+
+def assemble_P(values, rows, cols, n):
+    """The upper triangle of P (CSC), as SCS takes it, from its values at
+    (rows, cols) (both triangles)."""
+    upper = rows <= cols
+    return sp.csc_matrix((values[upper], (rows[upper], cols[upper])),
+                         shape=(n, n))

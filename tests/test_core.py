@@ -1123,8 +1123,9 @@ def test_explicit_warm_start_of_the_wrong_size_is_named():
     layer = optlayer.Layer(*case.build())
     rng = _rng("warm_size_error")
     _, state = layer.solve(*make_inputs(case, rng, 2))
-    with pytest.raises(ValueError, match=r"warm_start x has shape \(2, 6\); "
-                       r"expected \(3, 6\) for this call's batch size 3"):
+    n = layer.compiled.n
+    with pytest.raises(ValueError, match=rf"warm_start x has shape \(2, {n}\); "
+                       rf"expected \(3, {n}\) for this call's batch size 3"):
         layer.solve(*make_inputs(case, rng, 3), warm_start=state)
 
 
@@ -1175,9 +1176,11 @@ def test_warm_started_scs_that_fails_is_solved_again_cold(monkeypatch):
 def test_refinement_falls_back_to_bordered_steps(name, monkeypatch):
     # Where the reduced system gives no step (NaN: e.g. a second-order cone
     # point without strict complementarity), refinement takes the Newton
-    # step of the bordered homogeneous system; with only that, it still
-    # polishes SCS's point and the results equal the default path's. (The
-    # full Jacobian, which small programs take first, is switched off.)
+    # step of the bordered homogeneous system, or, for a quadratic
+    # objective (which that system does not have, the qp case), the full
+    # Jacobian's regularized step; with only that, it still polishes SCS's
+    # point and the results equal the default path's. (The full Jacobian,
+    # which small programs take first, is switched off.)
     import optlayer.reduced
     import optlayer.refine
 
@@ -1186,9 +1189,12 @@ def test_refinement_falls_back_to_bordered_steps(name, monkeypatch):
     values = make_inputs(case, rng, 3)
     want = optlayer.Layer(*case.build(), warm_start=False)(*values)
     calls = []
-    original = optlayer.refine._bordered_step
+    layer = optlayer.Layer(*case.build(), warm_start=False)
+    fallback = "_full_step" if layer.compiled.has_P else "_bordered_step"
+    original = getattr(optlayer.refine, fallback)
 
-    def no_reduced_step(Ad, Bv, C, X, V, dims, F=None, shared=False):
+    def no_reduced_step(*args, **kwargs):
+        X, V = args[3], args[4]
         return np.full_like(X, np.nan), np.full_like(V, np.nan)
 
     def counting(*args):
@@ -1197,8 +1203,7 @@ def test_refinement_falls_back_to_bordered_steps(name, monkeypatch):
 
     monkeypatch.setattr(optlayer.reduced, "FULL_SIZE", 0)
     monkeypatch.setattr(optlayer.refine, "_reduced_step", no_reduced_step)
-    monkeypatch.setattr(optlayer.refine, "_bordered_step", counting)
-    layer = optlayer.Layer(*case.build(), warm_start=False)
+    monkeypatch.setattr(optlayer.refine, fallback, counting)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = layer(*values)
@@ -1223,9 +1228,9 @@ def test_scs_linear_solver_chosen_by_the_shape_of_A(monkeypatch):
     seen = []
     original = optlayer.solve.solve_one
 
-    def spy(A, b, c, cone, options, warm=None):
+    def spy(A, b, c, cone, options, warm=None, P=None):
         seen.append(options.get("linear_solver"))
-        return original(A, b, c, cone, options, warm)
+        return original(A, b, c, cone, options, warm, P)
 
     monkeypatch.setattr(optlayer.solve, "solve_one", spy)
     rng = _rng("linear_solver")
@@ -1386,3 +1391,176 @@ def test_blas_runs_on_one_thread_during_a_call(monkeypatch):
         layer(*values)
         assert blas_threads() == before
     assert seen and all(t == [1] * len(before) for t in seen)
+
+
+# -- quadratic objectives kept quadratic (quadratic_objective=True) ---------
+
+
+@functools.cache
+def _quadratic_layer(name):
+    case = get_case(name)
+    problem, params, variables = case.build()
+    return optlayer.Layer(problem, params, variables,
+                          quadratic_objective=True, **case.layer_kwargs)
+
+
+QUADRATIC_CASES = [c for c in CASES if _quadratic_layer(c.name).compiled.has_P]
+
+
+def test_quadratic_cases_exist():
+    # The zoo's least-squares, lasso, ReLU, logistic and QP cases keep a
+    # quadratic term; linear objectives have none.
+    names = {c.name for c in QUADRATIC_CASES}
+    assert {"qp", "constrained_lsq", "lasso", "relu"} <= names
+    assert "lp" not in names and not _layer("qp").compiled.has_P
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+@pytest.mark.parametrize("case", _case_params(QUADRATIC_CASES))
+def test_quadratic_objective_forward_matches_cvxpy(case, batch_size):
+    layer = _quadratic_layer(case.name)
+    values = make_inputs(case, _rng("qforward", case.name, batch_size),
+                         batch_size)
+    outputs = layer(*values)
+    batch, elements = _elements(layer, values)
+    reference = _stack(batch, [reference_solve(case, e) for e in elements])
+    for k, (got, want) in enumerate(zip(outputs, reference)):
+        _assert_close(got, want, FORWARD_RTOL, f"output {k}")
+
+
+@pytest.mark.parametrize("batch_size", [None, 5])
+@pytest.mark.parametrize("case", _case_params(QUADRATIC_CASES))
+def test_quadratic_objective_vjp_matches_finite_differences(case,
+                                                            batch_size):
+    layer = _quadratic_layer(case.name)
+    rng = _rng("qfd", case.name, batch_size)
+    values = make_inputs(case, rng, batch_size)
+    assert_vjp_matches_finite_differences(layer, values, rng)
+
+
+@pytest.mark.parametrize("case", _case_params(QUADRATIC_CASES))
+def test_quadratic_and_cone_forms_agree(case, monkeypatch):
+    # The same problem in both forms: outputs agree to the refinement's
+    # accuracy and gradients (exact in both) to 1e-8; with the full
+    # Jacobian, the reduced systems and the sparse adjoint (every stack
+    # forced onto each path in turn).
+    import optlayer.adjoint
+
+    rng = _rng("qagree", case.name)
+    values = make_inputs(case, rng, 3)
+    cone = _layer(case.name)
+    outputs, state = cone.solve(*values)
+    cotangents = _random_cotangents(cone, 3, rng)
+    want = cone.adjoint(values, state, cotangents)
+    for which in ("full", "reduced", "sparse"):
+        if which == "sparse":
+            monkeypatch.setattr(optlayer.adjoint, "DENSE_LIMIT", 0)
+        else:
+            _force_system(monkeypatch, which)
+        layer = _quadratic_layer(case.name)
+        got_out, got_state = layer.solve(*values)
+        got = layer.adjoint(values, got_state, cotangents)
+        for k, (g, w) in enumerate(zip(got_out, outputs)):
+            _assert_close(g, w, 1e-8, f"{which}: output {k}")
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_close(g, w, 1e-8, f"{which}: gradient {i}")
+        monkeypatch.undo()
+
+
+def _simplex_projection(a):
+    """Euclidean projection of a onto {x >= 0, sum x = 1} (sort-based)."""
+    u = np.sort(a)[::-1]
+    css = np.cumsum(u) - 1.0
+    k = np.flatnonzero(u - css / np.arange(1, a.size + 1) > 0)[-1]
+    return np.maximum(a - css[k] / (k + 1), 0.0)
+
+
+def test_quadratic_objective_solves_large_data_accurately():
+    # Projections onto the simplex of points with entries of several
+    # thousand. In cone form SCS cannot solve them (SolverError, whose
+    # message points at the option); kept quadratic they match the
+    # closed form to 1e-10 relative, and so does the gradient:
+    # dx/da = diag(s) - s s' / |s| on the support s.
+    x = cp.Variable(8)
+    a = cp.Parameter(8)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)),
+                         [x >= 0, cp.sum(x) == 1])
+    rng = _rng("large_simplex")
+    values = rng.normal(size=(6, 8)) * 3000.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(optlayer.SolverError,
+                           match="quadratic_objective=True"):
+            optlayer.Layer(problem, [a], [x])(values)
+    layer = optlayer.Layer(problem, [a], [x], quadratic_objective=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (got,) = layer(values)
+    want = np.stack([_simplex_projection(v) for v in values])
+    _assert_close(got, want, 1e-10, "projection")
+    w = rng.normal(size=(6, 8))
+    (grad,) = layer.vjp([values], [w])
+    for k in range(6):
+        s = (want[k] > 0).astype(float)
+        J = np.diag(s) - np.outer(s, s) / s.sum()
+        _assert_close(grad[k], J.T @ w[k], 1e-10, f"gradient {k}")
+
+
+def test_parametrized_quadratic_term():
+    # p * sum_squares(x) + sum_squares(x - a): P = 2 (1 + p) I depends on
+    # the parameter. x = a / (1 + p), dx/da = I / (1 + p),
+    # dx/dp = -a / (1 + p)^2; and the same with a parameter-free quadratic
+    # form and no constraints at all (m = 0: J = P).
+    x = cp.Variable(3)
+    a = cp.Parameter(3)
+    p = cp.Parameter(nonneg=True)
+    problem = cp.Problem(cp.Minimize(p * cp.sum_squares(x) +
+                                     cp.sum_squares(x - a)))
+    layer = optlayer.Layer(problem, [a, p], [x], quadratic_objective=True)
+    assert layer.compiled.has_P
+    rng = _rng("param_quad")
+    av, pv = rng.normal(size=(4, 3)), rng.uniform(0.5, 2.0, size=4)
+    (got,) = layer(av, pv)
+    _assert_close(got, av / (1 + pv)[:, None], 1e-10, "x")
+    w = rng.normal(size=(4, 3))
+    ga, gp = layer.vjp([av, pv], [w])
+    _assert_close(ga, w / (1 + pv)[:, None], 1e-9, "d a")
+    _assert_close(gp, -np.einsum("bi,bi->b", w, av) / (1 + pv) ** 2, 1e-9,
+                  "d p")
+
+    M = np.array([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.5]])
+    problem = cp.Problem(cp.Minimize(0.5 * cp.quad_form(x, M) + a @ x))
+    layer = optlayer.Layer(problem, [a], [x], quadratic_objective=True)
+    assert layer.compiled.m == 0
+    (got,) = layer(av)
+    _assert_close(got, -np.linalg.solve(M, av.T).T, 1e-10, "x (m = 0)")
+    (ga,) = layer.vjp([av], [w])
+    _assert_close(ga, -np.linalg.solve(M, w.T).T, 1e-9, "d a (m = 0)")
+
+
+def test_presolve_keeps_variables_of_the_quadratic_term():
+    # y == b pins y, but y is in the quadratic term: it stays a variable
+    # (eliminating it would make c depend on products of parameters). The
+    # answer is CVXPY's (x = max(a, b)), and the gradient matches finite
+    # differences.
+    x = cp.Variable(3)
+    y = cp.Variable(3)
+    a = cp.Parameter(3)
+    b = cp.Parameter(3)
+    M = np.diag([2.0, 1.0, 3.0])
+    problem = cp.Problem(cp.Minimize(cp.quad_form(y, M) +
+                                     cp.sum_squares(x - a)),
+                         [y == b, x >= y])
+    layer = optlayer.Layer(problem, [a, b], [x, y], quadratic_objective=True)
+    plain = optlayer.Layer(problem, [a, b], [x, y], presolve=False,
+                           quadratic_objective=True)
+    assert layer.compiled.n == plain.compiled.n      # nothing eliminated
+    rng = _rng("presolve_quad")
+    values = [rng.normal(size=(2, 3)), rng.normal(size=(2, 3))]
+    got = layer(*values)
+    for k in range(2):
+        a.value, b.value = values[0][k], values[1][k]
+        problem.solve(cp.CLARABEL, **CLARABEL_OPTIONS)
+        _assert_close(got[0][k], x.value, FORWARD_RTOL, "x")
+        _assert_close(got[1][k], y.value, FORWARD_RTOL, "y")
+    assert_vjp_matches_finite_differences(layer, values, rng)
