@@ -28,6 +28,16 @@ unchanged, so the system is solved with the bordered matrix
 which is nonsingular when those are the only null directions. When the
 problem is degenerate (more null directions) the bordered solve fails its
 residual check and a least-squares solve (minimum norm) is used instead.
+
+A quadratic objective (1/2) x'Px (``quadratic_objective=True``) has no
+such homogeneous form. The adjoint then solves the Jacobian system of
+``optlayer.reduced`` directly, J' (r1, r2) = (gx, D (gy + gs) - gs) with
+J' = [[P, -A'], [D A, I - D]] (dense: full or reduced; sparse: an LU of
+J'; where J is singular, the minimum-norm least-squares solution), and
+
+    dA = r2 x' - y r1',   db = -r2,   dc = -r1,   dP = -r1 x'.
+
+Without P, these are the formulas above with r_w = 0.
 """
 
 import warnings

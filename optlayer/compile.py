@@ -21,6 +21,7 @@ import dataclasses
 import warnings
 
 import cvxpy as cp
+from cvxpy.atoms.quad_form import QuadForm
 from cvxpy.lin_ops.lin_op import CONSTANT_ID as _CONSTANT_ID
 import numpy as np
 import scipy.sparse as sp
@@ -114,6 +115,42 @@ class CompiledProblem:
         return self.T_P.shape[0] > 0
 
 
+def _not_dpp_parts(problem):
+    """Which parts of the problem are not DPP, for the error message."""
+    parts = []
+    if not problem.objective.is_dcp(dpp=True):
+        parts.append("the objective")
+    for i, con in enumerate(problem.constraints):
+        if not con.is_dcp(dpp=True):
+            text = str(con)
+            text = text if len(text) <= 60 else text[:57] + "..."
+            parts.append(f"constraint {i} ({text})")
+    if not parts:
+        return "it is not DPP as a whole"
+    return ", ".join(parts) + (" is" if len(parts) == 1 else " are") + \
+        " not DPP"
+
+
+def _expressions(expr):
+    yield expr
+    for arg in expr.args:
+        yield from _expressions(arg)
+
+
+def _quad_form_hint(problem):
+    """A hint for quad_form(x, P) with a parameter P (not DPP)."""
+    roots = [problem.objective.expr] + list(problem.constraints)
+    for root in roots:
+        for e in _expressions(root):
+            if isinstance(e, QuadForm) and \
+                    e.args[1].parameters():
+                return (" quad_form(x, P) with a parameter P is not DPP: "
+                        "write it as sum_squares(L @ x) with a parameter L "
+                        "such that P = L'L (e.g. L = cholesky(P)', or the "
+                        "matrix square root of P).")
+    return ""
+
+
 def _name(leaf):
     """A printable name for a CVXPY leaf or constraint."""
     try:
@@ -165,10 +202,11 @@ def _check_arguments(problem, parameters, variables):
         )
     if not problem.is_dpp():
         raise ValueError(
-            "The problem is not DPP (disciplined parametrized programming). "
-            "Rewrite it so that parameters enter affinely, e.g. introduce a "
-            "variable pinned to a product of parameters; "
-            "problem.is_dcp(dpp=True) must return True."
+            "The problem is not DPP (disciplined parametrized programming): "
+            f"{_not_dpp_parts(problem)}. Rewrite it so that parameters "
+            "enter affinely, e.g. introduce a variable pinned to a product "
+            "of parameters; problem.is_dcp(dpp=True) must return True."
+            + _quad_form_hint(problem)
         )
     parameters = as_list(parameters)
     variables = as_list(variables)

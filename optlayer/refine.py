@@ -4,14 +4,17 @@ A solution of the cone program is a zero of
 
     F(x, v) = (A'Pi(v) + c,  -A x + b - Pi(v) + v),   Pi = Pi_{K*},
 
-with y = Pi(v) and s = y - v (see ``optlayer.reduced``). From a moderately
+with y = Pi(v) and s = y - v (see ``optlayer.reduced``); a quadratic
+objective (1/2) x'Px adds Px to the first part. From a moderately
 accurate solver point, or from the solution of nearby parameters (warm
 starts), semismooth Newton steps on F converge quadratically once the
 active set is identified; for many programs (not LPs) they also converge
 from the origin, after a first step that overshoots. Each step solves the reduced system of
 ``optlayer.reduced`` (about n + number of active constraints unknowns);
 where that system is singular, the step is taken on the homogeneous
-residual map of ``optlayer.adjoint`` with its bordered matrix instead.
+residual map of ``optlayer.adjoint`` with its bordered matrix instead (with
+a quadratic objective, which that map does not have, on the full Jacobian
+regularized).
 
 The iterate takes full steps even where one raises the residual (a step
 that changes the active set often does, once, before converging); each

@@ -46,8 +46,31 @@ def test_not_dpp():
     # A product of two parameters is DCP but not DPP.
     problem = cp.Problem(cp.Minimize(cp.sum_squares(x) + a * b * cp.sum(x)))
     assert problem.is_dcp() and not problem.is_dpp()
-    with pytest.raises(ValueError, match=r"not DPP"):
+    with pytest.raises(ValueError, match=r"the objective is not DPP"):
         optlayer.Layer(problem, [a, b], [x])
+
+
+def test_not_dpp_names_the_parts_and_the_quad_form_rewrite():
+    # The message lists the parts that are not DPP (here the objective and
+    # the second constraint, not the first) and, for quad_form with a
+    # parameter matrix, the DPP rewrite sum_squares(L @ x).
+    x = cp.Variable(3)
+    P = cp.Parameter((3, 3), PSD=True, name="P")
+    q = cp.Parameter(3, name="q")
+    a = cp.Parameter(name="a")
+    b = cp.Parameter(name="b")
+    problem = cp.Problem(cp.Minimize(cp.quad_form(x, P) + q @ x),
+                         [x >= 0, a * b * x <= 1])
+    with pytest.raises(ValueError) as info:
+        optlayer.Layer(problem, [P, q, a, b], [x])
+    message = str(info.value)
+    assert "the objective, constraint 1 (" in message
+    assert "constraint 0" not in message
+    assert "sum_squares(L @ x)" in message
+    # The rewrite it suggests is DPP.
+    L = cp.Parameter((3, 3), name="L")
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(L @ x) + q @ x), [x >= 0])
+    assert problem.is_dpp()
 
 
 def test_problem_must_be_a_problem():

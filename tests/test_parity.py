@@ -8,6 +8,7 @@ Adam stores the learning rate in float32 and puts epsilon on the
 uncorrected second moment, which moves the TensorFlow curve by about 1e-8.
 """
 
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -91,8 +92,16 @@ if _installed("tensorflow"):
     BACKENDS["tf"] = _tf_backend
 
 
+# The quadratic form of least-squares cases (quadratic_objective=True)
+# reaches the core through every adapter's options.
+QUADRATIC = [dataclasses.replace(
+    c, name=c.name + "_quadratic",
+    layer_kwargs={**c.layer_kwargs, "quadratic_objective": True})
+    for c in CASES if c.name in ("constrained_lsq", "relu")]
+
+
 @pytest.mark.parametrize("batch_size", [None, 4])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CASES + QUADRATIC, ids=lambda c: c.name)
 def test_backends_agree(case, batch_size):
     if len(BACKENDS) < 2:
         pytest.skip("needs at least one framework besides NumPy")
@@ -105,6 +114,12 @@ def test_backends_agree(case, batch_size):
     cotangents = [rng.standard_normal(lead + s) for s in shapes]
     results = {name: run(case, values, cotangents)
                for name, run in BACKENDS.items()}
+    if case in QUADRATIC:
+        # Quadratic form and cone form: the same answers.
+        results["cone form"] = _numpy_backend(
+            dataclasses.replace(case, layer_kwargs={
+                k: v for k, v in case.layer_kwargs.items()
+                if k != "quadratic_objective"}), values, cotangents)
     ref_out, ref_grad = results.pop("numpy")
     for name, (outputs, grads) in results.items():
         for k, (a, b) in enumerate(zip(outputs, ref_out)):
