@@ -816,23 +816,52 @@ class Layer:
 
     def _batch_layout(self, values):
         """Validate shapes; return (batch size or None, batched flags)."""
+        batched, batch, flags = self.shape_layout(
+            *(np.shape(v) for v in values))
+        return (batch if batched else None), flags
+
+    def shape_layout(self, *shapes):
+        """Validate input shapes, as a call would, without values.
+
+        Args:
+            *shapes: one shape per parameter: a tuple of ints, where a
+                dimension may be None when it is not known yet (symbolic
+                shapes of a traced or compiled graph).
+
+        Returns:
+            ``(batched, batch, flags)``: whether any input carries a batch
+            dimension; the batch size (1 when all batched inputs have
+            batch 1; None when batched but every batch dimension other
+            than 1 is unknown); and one flag per input, True if batched.
+
+        Raises:
+            ValueError: naming the parameter, its shape as given (with
+                None for unknown dimensions) and the expected shapes, or
+                the batched inputs whose batch sizes disagree.
+        """
         names = self.compiled.param_names
+        if len(shapes) != len(names):
+            raise ValueError(
+                f"Expected {len(names)} parameter values "
+                f"({', '.join(names)}), got {len(shapes)}.")
         flags = []
         sizes = {}
-        for i, (arr, shape) in enumerate(zip(values, self.param_shapes)):
-            if arr.shape == shape:
+        for i, (shape, expected) in enumerate(zip(shapes, self.param_shapes)):
+            shape = tuple(None if d is None else int(d) for d in shape)
+            if _fits(shape, expected):
                 flags.append(False)
-            elif arr.ndim == len(shape) + 1 and arr.shape[1:] == shape:
+            elif len(shape) == len(expected) + 1 and _fits(shape[1:],
+                                                          expected):
                 flags.append(True)
-                sizes[i] = arr.shape[0]
+                sizes[i] = shape[0]
             else:
                 raise ValueError(
-                    f"Parameter {i} '{names[i]}' has shape {arr.shape}; "
-                    f"expected {shape} (unbatched) or (batch, "
-                    f"{', '.join(map(str, shape))}) (batched)."
+                    f"Parameter {i} '{names[i]}' has shape {shape}; "
+                    f"expected {expected} (unbatched) or (batch, "
+                    f"{', '.join(map(str, expected))}) (batched)."
                     .replace(", )", ")")
                 )
-        distinct = set(sizes.values()) - {1}
+        distinct = set(sizes.values()) - {1, None}
         if len(distinct) > 1:
             listing = ", ".join(f"'{names[i]}' (position {i}): {b}"
                                 for i, b in sizes.items())
@@ -841,9 +870,10 @@ class Layer:
                 f"{listing}. Use one batch size (1 broadcasts)."
             )
         if not sizes:
-            return None, flags
-        batch = distinct.pop() if distinct else 1
-        return batch, flags
+            return False, None, flags
+        if distinct:
+            return True, distinct.pop(), flags
+        return True, (None if None in sizes.values() else 1), flags
 
     def _prepare(self, values):
         """Validate values; return (batch, batched, theta (batch, p + 1))."""
@@ -940,6 +970,12 @@ class _blas_single_thread:
         for lib, threads in self._restore:
             lib.set_num_threads(threads)
         return False
+
+
+def _fits(shape, expected):
+    """Whether ``shape`` (None for unknown dimensions) can be ``expected``."""
+    return len(shape) == len(expected) and all(
+        d is None or d == e for d, e in zip(shape, expected))
 
 
 def _vec_f(arr, batched):

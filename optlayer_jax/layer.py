@@ -207,7 +207,9 @@ class Layer:
 
     def _batch_size(self, values):
         """The core's batch size for these shapes; raises its ValueError."""
-        return self.core.batch_size(*(_placeholder(v.shape) for v in values))
+        batched, batch, _ = self.core.shape_layout(
+            *(v.shape for v in values))
+        return batch if batched else None
 
     # -- host side: NumPy in, NumPy out ----------------------------------
 
@@ -345,11 +347,6 @@ def _callback(host, specs, args):
     results = [jax.lax.bitcast_convert_type(r, np.float64) if wide else r
                for r, wide in zip(results, wide_out)]
     return jax.tree_util.tree_unflatten(tree, results)
-
-
-def _placeholder(shape):
-    """A float64 array of ``shape`` without allocating its entries."""
-    return np.broadcast_to(np.zeros((), dtype=np.float64), shape)
 
 
 def _float_dtype(values):

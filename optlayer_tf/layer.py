@@ -346,39 +346,16 @@ class Layer(keras.layers.Layer):
 
         ``shapes`` are the inputs' static shapes (tuples with None for
         unknown dimensions). Returns None when an input's rank is unknown.
-        The core validates stand-in inputs of the same shapes (unknown
-        dimensions filled with values that cannot cause an error), so shape
-        errors are the core's and are raised while tracing.
+        The core validates the shapes themselves (unknown dimensions can
+        be anything), so shape errors are the core's, name the shapes as
+        received, and are raised while tracing.
         """
-        param_shapes = self.core.param_shapes
         if any(s is None for s in shapes):
             return None
-        batched = [len(s) == len(p) + 1 for s, p in zip(shapes, param_shapes)]
-        leads = [s[0] for s, b in zip(shapes, batched) if b]
-        known = [d for d in leads if d is not None]
-        # An unknown batch dimension must equal the others (or be 1).
-        fill = next((d for d in known if d != 1), 1)
-        stand_ins = []
-        for s, p, b in zip(shapes, param_shapes, batched):
-            lead, rest = ((s[0] if s[0] is not None else fill,), s[1:]) \
-                if b else ((), s)
-            if len(rest) == len(p):
-                rest = tuple(q if d is None else d for d, q in zip(rest, p))
-            else:
-                rest = tuple(1 if d is None else d for d in rest)
-            stand_ins.append(np.broadcast_to(np.float64(0.0), lead + rest))
-        try:
-            batch = self.core.batch_size(*stand_ins)
-        except ValueError as error:
-            raise _with_real_shapes(error, self.core, shapes,
-                                    stand_ins) from None
-        if batch is None:
-            prefix = ()
-        elif len(known) == len(leads):
-            prefix = (batch,)
-        else:
-            prefix = (fill,) if fill != 1 else (None,)
-        return prefix
+        batched, batch, _ = self.core.shape_layout(*shapes)
+        if not batched:
+            return ()
+        return (batch,)
 
 
 def _rebuild(cls, core, options, keras_kwargs):
@@ -395,23 +372,6 @@ def _shape_tuple(shape):
     if shape.rank is None:
         return None
     return tuple(shape.as_list())
-
-
-def _with_real_shapes(error, core, shapes, stand_ins):
-    """``error`` of the core on stand-ins, naming the inputs' real shapes.
-
-    A stand-in has a number where the static shape has None; the core's
-    message would show that made-up number. The returned ValueError shows
-    the shape as received, e.g. ``(None, 3)``.
-    """
-    message = str(error)
-    for i, (name, shape, stand_in) in enumerate(
-            zip(core.compiled.param_names, shapes, stand_ins)):
-        made_up = f"Parameter {i} '{name}' has shape {stand_in.shape}"
-        if shape != stand_in.shape and made_up in message:
-            message = message.replace(
-                made_up, f"Parameter {i} '{name}' has shape {shape}")
-    return error if message == str(error) else ValueError(message)
 
 
 def _is_array_like(value):

@@ -691,3 +691,23 @@ def test_parameter_inside_a_quadratic_form():
     (got,) = optlayer.Layer(rewritten, [p], [x])(np.array([1.0, 2.0]))
     # Exact answer x = p (inside the box), polished to ~1e-12.
     np.testing.assert_allclose(got, [1.0, 2.0], atol=1e-8)
+
+
+def test_shape_layout_takes_unknown_dimensions(relu_layer):
+    # Symbolic shapes (None for dimensions not known yet) are validated
+    # like values: errors show the shape as given, never a made-up size.
+    layout = relu_layer.shape_layout
+    assert layout((3, 4), (3,), (4,)) == (False, None, [False] * 3)
+    assert layout((None, 3, 4), (3,), (None, 4)) == (True, None,
+                                                      [True, False, True])
+    assert layout((None, 3, 4), (5, 3), (1, 4)) == (True, 5,
+                                                    [True, True, True])
+    assert layout((1, 3, 4), (3,), (4,)) == (True, 1, [True, False, False])
+    with pytest.raises(ValueError, match=r"Parameter 1 'b' has shape "
+                       r"\(None, 2\); expected \(3,\) \(unbatched\) or "
+                       r"\(batch, 3\)"):
+        layout((None, 3, 4), (None, 2), (4,))
+    with pytest.raises(ValueError, match="disagree on the batch size"):
+        layout((2, 3, 4), (None, 3), (5, 4))
+    with pytest.raises(ValueError, match="Expected 3 parameter values"):
+        layout((3, 4), (3,))
