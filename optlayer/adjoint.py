@@ -145,16 +145,7 @@ def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims, P=None):
                                 x[None], y[None], s[None], gx[None],
                                 gy[None], gs[None], dims)
             return tuple(a[0] for a in out)
-        # Known limit: for large degenerate programs only LSQR remains;
-        # its answer is checked but may be inaccurate.
-        r = spla.lsqr(MT, g, atol=1e-14, btol=1e-14, iter_lim=20 * N)[0]
-        residual = np.linalg.norm(MT @ r - g)
-        if not residual <= RESIDUAL_TOL * np.linalg.norm(g):
-            warnings.warn(
-                "The backward pass of a large degenerate cone program did "
-                f"not converge (relative residual "
-                f"{residual / np.linalg.norm(g):.1e}); its gradient may be "
-                "inaccurate.", RuntimeWarning, stacklevel=2)
+        r = _lsqr_checked(MT, g)
 
     rx, ry, rw = r[:n], r[n:n + m], r[-1]
     rows = A.indices
@@ -197,17 +188,26 @@ def _adjoint_one_quadratic(A, b, c, x, y, s, gx, gy, gs, dims, P, Dk):
                                 gy[None], gs[None], dims,
                                 P=(Pv[None], prows, pcols))
             return tuple(a[0] for a in out)
-        r = spla.lsqr(JT, g, atol=1e-14, btol=1e-14, iter_lim=20 * (n + m))[0]
-        residual = np.linalg.norm(JT @ r - g)
-        if not residual <= RESIDUAL_TOL * np.linalg.norm(g):
-            warnings.warn(
-                "The backward pass of a large degenerate program did not "
-                f"converge (relative residual "
-                f"{residual / np.linalg.norm(g):.1e}); its gradient may be "
-                "inaccurate.", RuntimeWarning, stacklevel=3)
+        r = _lsqr_checked(JT, g)
     out = _gradients(rows, cols, x[None], y[None], r[None, :n], r[None, n:],
                      (Pv[None], prows, pcols))
     return tuple(a[0] for a in out)
+
+
+def _lsqr_checked(M, g):
+    """LSQR's least-squares solution of M r = g, with a warning when its
+    residual is not small. Known limit: for large degenerate programs
+    only LSQR remains; its answer is checked but may be inaccurate."""
+    r = spla.lsqr(M, g, atol=1e-14, btol=1e-14,
+                  iter_lim=20 * M.shape[0])[0]
+    residual = np.linalg.norm(M @ r - g)
+    if not residual <= RESIDUAL_TOL * np.linalg.norm(g):
+        warnings.warn(
+            "The backward pass of a large degenerate program did not "
+            f"converge (relative residual "
+            f"{residual / np.linalg.norm(g):.1e}); its gradient may be "
+            "inaccurate.", RuntimeWarning, stacklevel=4)
+    return r
 
 
 def _solve_bordered(MT, z, pi, g):
