@@ -332,9 +332,10 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
               or (Pq is not None and m == 0)):
         return _adjoint_full(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS,
                              dims, Ad, P, Pq)
-    # Known limit: points without strict complementarity (a cone's apex,
-    # y = s = 0 on a block) are not detected; their gradient can depend on
-    # which optimal dual the solve found.
+    # Known limit: points without strict complementarity are only partly
+    # detected (Layer warns for y = s = 0 on a nonnegative entry or a
+    # second-order cone); their gradient can depend on which optimal dual
+    # the solve found.
     st = _reduced.Structure(V, dims)
     g2 = st.apply_P(GY + GS) - GS
     r1 = np.full((B, n), np.nan)

@@ -1061,6 +1061,33 @@ def project_batch(V, dims: ConeDims, dual: bool = False) -> np.ndarray:
     return P
 
 
+def degenerate_elements(Y, S, dims, tol=1e-9):
+    """Elements whose primal-dual pair is not strictly complementary in
+    the way that makes the solution map's derivative undefined at an
+    active constraint: a nonnegative entry with y_i = s_i = 0 (an active
+    constraint whose multiplier is zero, e.g. a degenerate LP vertex), or
+    a second-order cone of size 2 or more with y and s both at its apex
+    (e.g. a norm of a residual fitted exactly). "Zero" is tol times
+    1 + the element's largest |y| or |s|.
+
+    Returns a boolean array (B,).
+    """
+    B = Y.shape[0]
+    scale = tol * (1.0 + np.maximum(np.abs(Y).max(axis=1, initial=0.0),
+                                    np.abs(S).max(axis=1, initial=0.0)))
+    z, l = dims.zero, dims.nonneg
+    both = np.maximum(np.abs(Y[:, z:z + l]), np.abs(S[:, z:z + l]))
+    bad = (both <= scale[:, None]).any(axis=1) if l else np.zeros(B, bool)
+    for k, i, count in _soc_runs(dims):
+        if k < 2:
+            continue
+        j = i + k * count
+        y = np.abs(Y[:, i:j]).reshape(B, count, k).max(axis=2)
+        s_ = np.abs(S[:, i:j]).reshape(B, count, k).max(axis=2)
+        bad |= (np.maximum(y, s_) <= scale[:, None]).any(axis=1)
+    return bad
+
+
 @functools.lru_cache(maxsize=32)
 def _soc_run_index(i, k, count):
     """Row and column index arrays of a run's (count, k, k) blocks."""

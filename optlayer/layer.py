@@ -384,7 +384,28 @@ class Layer:
             gw = gw - _times(dbe * vals_e, cols_t)
             dtheta = dtheta + _times(d_vals, T_Ae_t) + _times(gw, W_map_t)
         dtheta = np.asarray(dtheta)
+        self._warn_degenerate(Y, S, batched)
         return self._split_gradient(dtheta, values, batch, needs_grad)
+
+    def _warn_degenerate(self, Y, S, batched):
+        """Warn where the solution is degenerate (see
+        ``cones.degenerate_elements``): the solution map has no derivative
+        there, and the gradient returned is one of its one-sided
+        derivatives or not a derivative at all."""
+        bad = np.flatnonzero(cones.degenerate_elements(Y, S,
+                                                       self.compiled.dims))
+        if bad.size == 0:
+            return
+        where = (f"batch element(s) {bad.tolist()[:20]}" if batched
+                 else "the problem")
+        warnings.warn(
+            f"The solution of {where} is degenerate: a constraint is active "
+            "with a zero multiplier, or a norm sits at zero (a cone's "
+            "apex). The solution map is not differentiable there; the "
+            "gradient may be any one-sided derivative, or wrong. Perturb "
+            "the parameters, or write the problem so the optimum is not at "
+            "such a point (e.g. sum_squares instead of a norm fitted "
+            "exactly).", RuntimeWarning, stacklevel=3)
 
     def vjp(self, values, cotangents):
         """Solve, then return the gradients for ``cotangents``."""

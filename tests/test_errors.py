@@ -711,3 +711,23 @@ def test_shape_layout_takes_unknown_dimensions(relu_layer):
         layout((2, 3, 4), (None, 3), (5, 4))
     with pytest.raises(ValueError, match="Expected 3 parameter values"):
         layout((3, 4), (3,))
+
+
+def test_degenerate_solutions_warn_in_the_backward_pass():
+    # z = max(a, 0) at a_0 = 0 exactly: the bound z_0 >= 0 is active with a
+    # zero multiplier, where the solution map has no derivative. The
+    # backward pass warns, naming the batch element; the forward pass and
+    # nondegenerate elements do not.
+    z = cp.Variable(2)
+    a = cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(z - a)), [z >= 0])
+    layer = optlayer.Layer(problem, [a], [z])
+    values = np.array([[0.5, -1.0], [0.0, 1.0], [-0.3, 2.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (out,) = layer(values)
+        layer.vjp([values[[0, 2]]], [np.ones((2, 2))])
+    np.testing.assert_allclose(out, np.maximum(values, 0), atol=1e-12)
+    with pytest.warns(RuntimeWarning, match=r"batch element\(s\) \[1\] is "
+                      r"degenerate"):
+        layer.vjp([values], [np.ones((3, 2))])
