@@ -1564,3 +1564,28 @@ def test_presolve_keeps_variables_of_the_quadratic_term():
         _assert_close(got[0][k], x.value, FORWARD_RTOL, "x")
         _assert_close(got[1][k], y.value, FORWARD_RTOL, "y")
     assert_vjp_matches_finite_differences(layer, values, rng)
+
+
+@pytest.mark.parametrize("case", _case_params(QUADRATIC_CASES))
+def test_quadratic_objective_from_the_origin_and_warm_starts(case,
+                                                            monkeypatch):
+    # The other two ways a call can be solved, in the quadratic form:
+    # Newton steps from the origin (forced for this small batch) and from
+    # the previous call's solution (nearby values). Both accept only KKT
+    # residuals of 1e-11, so they give the cone form's answers to the
+    # refinement's accuracy (1e-8, as above).
+    import optlayer.layer
+
+    monkeypatch.setattr(optlayer.layer, "_COLD_MIN_WORK", 0)
+    monkeypatch.setattr(optlayer.layer, "_COLD_MIN_BATCH", 0)
+    problem, params, variables = case.build()
+    layer = optlayer.Layer(problem, params, variables,
+                           quadratic_objective=True, **case.layer_kwargs)
+    rng = _rng("qorigin", case.name)
+    first = make_inputs(case, rng, 3)
+    second = _interpolate(first, make_inputs(case, rng, 3), 0.05)
+    for values in (first, second):
+        got = layer(*values)
+        want = _layer(case.name)(*values)
+        for k, (g, w) in enumerate(zip(got, want)):
+            _assert_close(g, w, 1e-8, f"output {k}")
