@@ -55,6 +55,10 @@ hard rows. The adjoint system is treated alike.
 A quadratic objective (1/2) x'Px (SCS's P; to avoid a clash of names,
 ``Pq`` in the code) adds Px to F's first block and Pq to J's top-left
 block, and so to K's: K11 = Pq + A~' G A~, still positive semidefinite.
+CVXPY writes sum_squares(A x - b) as r = A x - b with P = 2I on r; such
+defining pairs (an equality row and a column that appears only there and
+only on P's diagonal) leave K by a Schur complement (see ``_Pairs``), so
+that K has the size it has in cone form.
 
 When J is singular (non-unique solutions, degenerate programs) K is too;
 it is then solved with a small quasi-definite regularization, and callers
@@ -195,6 +199,95 @@ class _SocGroup:
                         np.where(g, general, 0.0))
 
 
+class _Pairs:
+    """Defining pairs of a quadratic objective: a zero-cone row k and a
+    column j that appears in no other row, with P's row j only P_jj > 0
+    (CVXPY's r = A x - b for sum_squares(A x - b) is the typical case).
+    In J (and K), row j of the first block reads p dx_j + a t_k = rhs1_j
+    and row k reads a dx_j + A_k,rest dx = f_k, so dx_j and t_k leave the
+    system: K11 gains (p / a^2) A_k,rest' A_k,rest and rhs1 gains
+    A_k,rest (p f_k / a^2 - rhs1_j / a); afterwards
+    dx_j = (f_k - A_k,rest dx) / a and t_k = (rhs1_j - p dx_j) / a. The
+    transposed (adjoint) system is alike, the pair's lam being 1.
+
+    Attributes:
+        cols, rows: (q,) the pairs' columns j and rows k.
+        a, p: (B, q) the coefficients A[k, j] and P[j, j].
+        weight: (B, q) p / a^2.
+        Araw: (B, q, n) the rows k of A.
+        Am: (B, q, n) the rows k without column j and pinned columns.
+        keep: the other columns; index: a column's position among them.
+    """
+
+    def __init__(self, Ad, Pq, cols, rows, pinned):
+        n = Ad.shape[2]
+        self.cols, self.rows = cols, rows
+        self.a = Ad[:, rows, cols]
+        self.p = Pq[:, cols, cols]
+        self.weight = self.p / self.a ** 2
+        self.Araw = Ad[:, rows, :]
+        Am = self.Araw.copy()
+        Am[:, np.arange(cols.size), cols] = 0.0
+        if pinned is not None:
+            Am = Am * ~pinned[:, None, :]
+        self.Am = Am
+        mask = np.ones(n, dtype=bool)
+        mask[cols] = False
+        self.keep = np.flatnonzero(mask)
+        self.index = np.cumsum(mask) - 1
+
+    def row_values(self, Z, system):
+        """The pairs' right-hand sides from Z (B, m) (F2 or g2), less the
+        pinned columns' known part."""
+        f = Z[:, self.rows]
+        if system.any_pin:
+            f = f - bmv(self.Araw, system._pinned_values(Z))
+        return f
+
+    def reduce_rhs(self, rhs1, f):
+        """rhs1 for K (and rhs1 at the pairs' columns, for recovery)."""
+        r1j = rhs1[:, self.cols]
+        coef = self.weight * f - r1j / self.a
+        return rhs1 + np.einsum("bp,bpi->bi", coef, self.Am), r1j
+
+    def recover(self, x, f, r1j):
+        """Set x at the pairs' columns in place; return the rows'
+        multipliers."""
+        xj = (f - np.einsum("bpi,bi->bp", self.Am, x)) / self.a
+        x[:, self.cols] = xj
+        return (r1j - self.p * xj) / self.a
+
+
+def _defining_pairs(Ad, Pq, zero, pinned):
+    """The :class:`_Pairs` of a stack (the same for every element), or
+    None."""
+    B, m, n = Ad.shape
+    if not zero or not n:
+        return None
+    nz = Ad != 0
+    single = (nz.sum(axis=1) == 1).all(axis=0)                 # (n,)
+    row = nz.argmax(axis=1)                                    # (B, n)
+    same_row = (row == row[:1]).all(axis=0)
+    Pnz = Pq != 0
+    diag = np.einsum("bjj->bj", Pq)
+    only_diag = ((Pnz.sum(axis=2) == 1) & (diag > 0)).all(axis=0)
+    row_nnz = nz.sum(axis=2)                                   # (B, m)
+    cand = np.flatnonzero(single & same_row & only_diag)
+    if cand.size == 0:
+        return None
+    rows = row[0, cand]
+    ok = (rows < zero) & (row_nnz[:, rows] >= 2).all(axis=0)
+    if pinned is not None:
+        ok &= ~pinned[:, cand].any(axis=0)
+    cand, rows = cand[ok], rows[ok]
+    # One column per row.
+    rows, first = np.unique(rows, return_index=True)
+    cand = cand[first]
+    if cand.size == 0:
+        return None
+    return _Pairs(Ad, Pq, cand, rows, pinned)
+
+
 def _soc_groups(dims, V):
     """The second-order cones of ``dims`` at the points V, grouped by size
     (in order of first appearance); a group's cones take consecutive
@@ -224,6 +317,7 @@ class Structure:
         B, m = V.shape
         z, nonneg = dims.zero, dims.nonneg
         self.m = m
+        self.zero = z
         self.zl = z + nonneg
         self.lam_diag = np.concatenate(
             [np.ones((B, z)), (V[:, z:self.zl] > 0).astype(float)], axis=1)
@@ -316,8 +410,12 @@ class System:
             self.soc.append((Ab_flat, w, g))
         self.hard = hard
         self._pin(Ad, shared)
+        self.pairs = None if Pq is None else _defining_pairs(
+            Ad, Pq, st.zero, self.pinned if self.any_pin else None)
         rest = hard.copy()
         rest[:, :zl] &= ~self.pin_row
+        if self.pairs is not None:
+            rest[:, self.pairs.rows] = False
         counts = rest.sum(axis=1)
         r = int(counts.max(initial=0))
         order = np.argsort(~rest, axis=1, kind="stable")[:, :r]
@@ -327,20 +425,32 @@ class System:
         Ah = self._hard_rows(Ad, extra, order, valid)
         lam_h = lam_c[bidx, order] * valid
         self.K11, self.Ah, self.lam_h = K11, Ah, lam_h
-        K = np.empty((B, n + r, n + r))
-        K[:, :n, :n] = K11
+        K11k = K11
+        keep = slice(None)
+        if self.pairs is not None:
+            # Defining pairs leave K: their Schur complement enters K11.
+            pr = self.pairs
+            Wm = np.sqrt(pr.weight)[:, :, None] * pr.Am
+            K11k = K11 + np.swapaxes(Wm, 1, 2) @ Wm
+            keep = pr.keep
+        nk = n if self.pairs is None else self.pairs.keep.size
+        self.nk = nk
+        K = np.empty((B, nk + r, nk + r))
+        K[:, :nk, :nk] = K11k[:, keep][:, :, keep]
         if self.any_pin:
             # Pinned columns leave the system: identity rows and columns.
             b, j, _ = self._pin_bj
-            K[b, j, :n] = 0.0
-            K[b, :n, j] = 0.0
-            K[b, j, j] = 1.0
+            jk = j if self.pairs is None else self.pairs.index[j]
+            K[b, jk, :nk] = 0.0
+            K[b, :nk, jk] = 0.0
+            K[b, jk, jk] = 1.0
             Ah = Ah * ~self.pinned[:, None, :]
-        K[:, :n, n:] = np.swapaxes(Ah, 1, 2) * lam_h[:, None, :]
-        K[:, n:, :n] = Ah
-        K[:, n:, n:] = 0.0
+        Ah = Ah[:, :, keep]
+        K[:, :nk, nk:] = np.swapaxes(Ah, 1, 2) * lam_h[:, None, :]
+        K[:, nk:, :nk] = Ah
+        K[:, nk:, nk:] = 0.0
         idx = np.arange(r)
-        K[:, n + idx, n + idx] = -(1.0 - lam_h)
+        K[:, nk + idx, nk + idx] = -(1.0 - lam_h)
         self.K = K
 
     def _hard_rows(self, Ad, extra, order, valid):
@@ -410,14 +520,17 @@ class System:
         picked = vals[np.arange(B)[:, None], self.pin_k]
         return np.where(self.pinned, picked / self.pin_coef, 0.0)
 
-    def _pinned_multipliers(self, rhs1, x, th, lam):
+    def _pinned_multipliers(self, rhs1, x, th, lam, pair_t=None):
         """The multipliers of the pinning rows: from row j of the first
         block, (K11 x)_j + sum_h Ah[h, j] w_h t_h + a_k t_k = rhs1_j, with
-        w = lam (Newton) or 1 (adjoint)."""
+        w = lam (Newton) or 1 (adjoint); ``pair_t``: the multipliers of
+        the defining pairs' rows (which are not among the h)."""
         full = bmv(self.K11, x)
         if self.r:
             coef = th * lam if lam is not None else th
             full += bmtv(self.Ah, coef)
+        if pair_t is not None:
+            full += bmtv(self.pairs.Araw, pair_t)
         b, j, k = self._pin_bj
         return b, k, (rhs1[b, j] - full[b, j]) / self.pin_coef[b, j]
 
@@ -447,6 +560,19 @@ class System:
         out[rows[keep], self.order.ravel()[keep]] = th.ravel()[keep]
         return out
 
+    @property
+    def nk_keep(self):
+        """The columns K keeps (all without defining pairs)."""
+        return slice(None) if self.pairs is None else self.pairs.keep
+
+    def _expand(self, xk):
+        """x on all n columns from its kept ones (0 on the pairs')."""
+        if self.pairs is None:
+            return xk
+        x = np.zeros((xk.shape[0], self.n))
+        x[:, self.pairs.keep] = xk
+        return x
+
     def _rotations(self, Z):
         return [bmtv(U, Z[:, i:j])
                 for i, j, _, U in self.st.generic]
@@ -473,12 +599,22 @@ class System:
                             rhs1 - bmv(self.K11, u))
             if self.r:
                 rhs2 = rhs2 - bmv(self.Ah, u)
-        sol = _solve_regularized(self.K, np.concatenate([rhs1, rhs2], axis=1),
-                                 n)
-        dx, th = sol[:, :n], sol[:, n:]
+        pairs = self.pairs
+        if pairs is not None:
+            f = pairs.row_values(F2, self)
+            rhs1, r1j = pairs.reduce_rhs(rhs1, f)
+        sol = _solve_regularized(
+            self.K, np.concatenate([rhs1[:, self.nk_keep], rhs2], axis=1),
+            self.nk)
+        dx, th = self._expand(sol[:, :self.nk]), sol[:, self.nk:]
         T = self._scatter(th, self.hard.shape[1])
+        pair_t = None
+        if pairs is not None:
+            pair_t = pairs.recover(dx, f, r1j)
+            T[:, pairs.rows] = pair_t
         if self.any_pin:
-            b, k, t = self._pinned_multipliers(full1, dx, th, self.lam_h)
+            b, k, t = self._pinned_multipliers(full1, dx, th, self.lam_h,
+                                               pair_t)
             T[b, k] = t
         q = matvec(self.Ad, dx, self.shared) - F2       # A dx - F2
         dv = np.where(self.hard[:, :st.m], T[:, :st.m], q)
@@ -536,12 +672,21 @@ class System:
         # epigraph variable of an inactive norm constraint): any solution
         # of J' r = g gives the same gradient there, since d F/d theta
         # maps into the range of J; callers check J' r = g.
-        sol = _solve_regularized(np.swapaxes(self.K, 1, 2),
-                                 np.concatenate([rhs1, rhs2], axis=1), n)
-        r1, p = sol[:, :n], sol[:, n:]
+        pairs = self.pairs
+        if pairs is not None:
+            h = pairs.row_values(g2, self)
+            rhs1, r1j = pairs.reduce_rhs(rhs1, h)
+        sol = _solve_regularized(
+            np.swapaxes(self.K, 1, 2),
+            np.concatenate([rhs1[:, self.nk_keep], rhs2], axis=1), self.nk)
+        r1, p = self._expand(sol[:, :self.nk]), sol[:, self.nk:]
         P = -self._scatter(p, self.hard.shape[1])       # q on hard ones
+        pair_t = None
+        if pairs is not None:
+            pair_t = pairs.recover(r1, h, r1j)
+            P[:, pairs.rows] = -pair_t
         if self.any_pin:
-            b, k, t = self._pinned_multipliers(full1, r1, p, None)
+            b, k, t = self._pinned_multipliers(full1, r1, p, None, pair_t)
             P[b, k] = -t
         Ar = matvec(self.Ad, r1, self.shared)
         r2 = np.where(self.hard[:, :st.m], P[:, :st.m], g2)

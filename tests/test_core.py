@@ -1589,3 +1589,83 @@ def test_quadratic_objective_from_the_origin_and_warm_starts(case,
         want = _layer(case.name)(*values)
         for k, (g, w) in enumerate(zip(got, want)):
             _assert_close(g, w, 1e-8, f"output {k}")
+
+
+@pytest.mark.parametrize("case", _case_params(QUADRATIC_CASES))
+def test_quadratic_reduced_systems_need_no_fallback(case, monkeypatch):
+    # In the quadratic form the reduced systems drop the defining pairs
+    # of sum_squares (r = A x - b rows and their r columns) by a Schur
+    # complement. Their steps and adjoints must pass the checks against J
+    # on their own: no least-squares adjoint, no full-Jacobian step and no
+    # second SCS pass (each would hide a wrong elimination behind a
+    # correct answer).
+    import optlayer.adjoint
+    import optlayer.reduced
+    import optlayer.refine
+
+    _force_system(monkeypatch, "reduced")
+    fallbacks, pairs = [], []
+
+    def forbid(name):
+        def spy(*args, **kwargs):
+            fallbacks.append(name)
+            raise AssertionError(f"{name} was called")
+        return spy
+
+    original = optlayer.reduced._defining_pairs
+
+    def counting(*args):
+        found = original(*args)
+        pairs.append(0 if found is None else found.cols.size)
+        return found
+
+    monkeypatch.setattr(optlayer.adjoint, "_adjoint_least_squares",
+                        forbid("least-squares adjoint"))
+    monkeypatch.setattr(optlayer.refine, "_full_step", forbid("full step"))
+    monkeypatch.setattr(optlayer.Layer, "_resolve", forbid("SCS again"))
+    monkeypatch.setattr(optlayer.reduced, "_defining_pairs", counting)
+    layer = _quadratic_layer(case.name)
+    rng = _rng("qpairs", case.name)
+    values = make_inputs(case, rng, 3)
+    _, state = layer.solve(*values)
+    layer.adjoint(values, state, _random_cotangents(layer, 3, rng))
+    assert not fallbacks
+    if case.name in ("constrained_lsq", "lasso", "relu"):
+        assert max(pairs) > 0, "no defining pairs found"
+
+
+def test_defining_pair_variables_as_outputs(monkeypatch):
+    # r == A x - b with sum_squares(r): r's columns and these rows are
+    # defining pairs that the reduced systems drop. Asked for as an
+    # output, r gets a cotangent, which the elimination must carry (its
+    # right-hand side at r's columns). Gradients match finite differences
+    # with the reduced systems forced and no fallback; outputs match
+    # CVXPY.
+    import optlayer.adjoint
+
+    _force_system(monkeypatch, "reduced")
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the least-squares adjoint was needed")
+
+    monkeypatch.setattr(optlayer.adjoint, "_adjoint_least_squares",
+                        no_fallback)
+    x = cp.Variable(3)
+    r = cp.Variable(5)
+    A = cp.Parameter((5, 3))
+    b = cp.Parameter(5)
+    c = cp.Parameter(3)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(r) + c @ x),
+                         [r == A @ x - b, x >= 0])
+    layer = optlayer.Layer(problem, [A, b, c], [x, r],
+                           quadratic_objective=True)
+    rng = _rng("pair_outputs")
+    values = [rng.normal(size=(3, 5, 3)), rng.normal(size=(3, 5)),
+              rng.normal(size=(3, 3))]
+    got = layer(*values)
+    for k in range(3):
+        A.value, b.value, c.value = (v[k] for v in values)
+        problem.solve(cp.CLARABEL, **CLARABEL_OPTIONS)
+        _assert_close(got[0][k], x.value, FORWARD_RTOL, "x")
+        _assert_close(got[1][k], r.value, FORWARD_RTOL, "r")
+    assert_vjp_matches_finite_differences(layer, values, rng)
