@@ -581,7 +581,7 @@ class System:
 
     def newton(self, F1, F2):
         """Solve J (dx, dv) = -(F1, F2); returns (dx, dv), NaN if singular."""
-        st, n = self.st, self.n
+        st = self.st
         rot = self._rotations(F2)
         rhs1 = -F1
         for (At, _, _, G), f in zip(self.gen, rot):
@@ -642,7 +642,7 @@ class System:
         eliminated, q = (h - lam A~ r1) / (1 - lam); with p = -q_h on the
         hard ones, K' [r1; p] = [g1 + A~' (h / (1 - lam) on soft); h_h].
         """
-        st, n = self.st, self.n
+        st = self.st
         rot = self._rotations(g2)
         soft_diag = ~self.hard[:, :st.zl]
         rhs1 = g1 + rmatvec(self.Ad[:, :st.zl], g2[:, :st.zl] * soft_diag,
