@@ -162,7 +162,7 @@ def _adjoint_one_quadratic(A, b, c, x, y, s, gx, gy, gs, dims, P, Dk):
     variable, so no known null directions to border), checked; where J is
     singular, the dense adjoint up to DENSE_FALLBACK_LIMIT, else LSQR."""
     m, n = A.shape
-    Pv, prows, pcols = P
+    Pv, prows, pcols = P.values, P.rows, P.cols
     rows = A.indices
     cols = np.repeat(np.arange(n), np.diff(A.indptr))
     g = np.concatenate([gx, Dk @ (gy + gs) - gs])
@@ -186,11 +186,11 @@ def _adjoint_one_quadratic(A, b, c, x, y, s, gx, gy, gs, dims, P, Dk):
             out = adjoint_dense(A.data[None], rows, cols, b[None], c[None],
                                 x[None], y[None], s[None], gx[None],
                                 gy[None], gs[None], dims,
-                                P=(Pv[None], prows, pcols))
+                                P=P._replace(values=Pv[None]))
             return tuple(a[0] for a in out)
         r = _lsqr_checked(JT, g)
     out = _gradients(rows, cols, x[None], y[None], r[None, :n], r[None, n:],
-                     (Pv[None], prows, pcols))
+                     P._replace(values=Pv[None]))
     return tuple(a[0] for a in out)
 
 
@@ -342,7 +342,9 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
     r2 = np.full((B, m), np.nan)
     if n and m:
         shared = _reduced.is_shared(Av)
-        r1, r2 = _reduced.System(Ad, st, shared, Pq).adjoint(GX, g2)
+        r1, r2 = _reduced.System(Ad, st, shared, Pq,
+                                 None if P is None else P.pairs).adjoint(
+                                     GX, g2)
         t1, t2 = _reduced.apply_JT(Ad, st, r1, r2, shared, Pq)
         res = np.sqrt(((t1 - GX) ** 2).sum(1) + ((t2 - g2) ** 2).sum(1))
         scale = np.sqrt((GX ** 2).sum(1) + (g2 ** 2).sum(1))
@@ -362,7 +364,7 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
 
 def _take(P, idx):
     """The quadratic term ``P`` of the elements idx (None stays None)."""
-    return None if P is None else (P[0][idx], P[1], P[2])
+    return None if P is None else P.take(idx)
 
 
 def _gradients(rows, cols, X, Y, r1, r2, P):
@@ -374,7 +376,7 @@ def _gradients(rows, cols, X, Y, r1, r2, P):
     if P is None:
         dP = np.zeros((X.shape[0], 0))
     else:
-        dP = -r1[:, P[1]] * X[:, P[2]]
+        dP = -r1[:, P.rows] * X[:, P.cols]
     return dA, -r2, -r1, dP
 
 

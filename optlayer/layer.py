@@ -206,6 +206,10 @@ class Layer:
         self._T_t = tuple(_transposed(M) for M in (
             cp_.T_A, cp_.T_b, cp_.T_c, elim.T_Ae, elim.W_map,
             self._to_rows, self._to_cols, cp_.T_P))
+        # Candidate defining pairs of a quadratic objective.
+        self._pairs = (_reduced.pair_candidates(
+            cp_.A_indices, self._A_cols, cp_.P_rows, cp_.P_cols, cp_.n,
+            cp_.dims.zero) if cp_.has_P else None)
         self._param_sizes = tuple(int(np.prod(shape, dtype=int))
                                   for shape in cp_.param_shapes)
         # Parameters whose declared attributes restrict their values.
@@ -490,7 +494,8 @@ class Layer:
         or None without one."""
         if not self.compiled.has_P:
             return None
-        return (Pv, self.compiled.P_rows, self.compiled.P_cols)
+        return _reduced.Quadratic(Pv, self.compiled.P_rows,
+                                  self.compiled.P_cols, self._pairs)
 
     def _P_matrix(self, Pv, i):
         """Element i's P for SCS (upper triangle), or None."""
@@ -562,8 +567,10 @@ class Layer:
             def one(i):
                 workspace = getattr(local, "workspace", None)
                 if workspace is None:
-                    workspace = _solve.Workspace(A, cone, options,
-                                                 self._P_matrix(Pv, 0))
+                    quad = cp_.has_P
+                    workspace = _solve.Workspace(
+                        A, cone, options, self._P_matrix(Pv, 0),
+                        Bv[i] if quad else None, C[i] if quad else None)
                     local.workspace = workspace
                 return workspace.solve(Bv[i], C[i], warm_for(i))
         else:

@@ -65,6 +65,8 @@ it is then solved with a small quasi-definite regularization, and callers
 check the result against J and fall back to the bordered systems.
 """
 
+import typing
+
 import numpy as np
 
 from optlayer import cones
@@ -81,15 +83,58 @@ def dense_A(Av, rows, cols, m, n):
     return Ad
 
 
+class Quadratic(typing.NamedTuple):
+    """The objective's quadratic term for a stack of programs.
+
+    Attributes:
+        values: (B, nnz) values of P at (rows, cols), both triangles.
+        rows, cols: the pattern.
+        pairs: candidate defining pairs (columns, rows) found from the
+            patterns of A and P (see :class:`_Pairs`), or None to search
+            the stack's values.
+    """
+
+    values: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    pairs: tuple = None
+
+    def take(self, idx):
+        """The term of the elements ``idx``."""
+        return self._replace(values=self.values[idx])
+
+
 def dense_P(P, n):
-    """(B, n, n) dense copies of the objective's P from ``P`` = (values
-    (B, nnz), rows, cols); None for None."""
+    """(B, n, n) dense copies of the objective's P from a
+    :class:`Quadratic`; None for None."""
     if P is None:
         return None
-    Pv, rows, cols = P
-    Pd = np.zeros((Pv.shape[0], n, n))
-    Pd[:, rows, cols] = Pv
+    Pd = np.zeros((P.values.shape[0], n, n))
+    Pd[:, P.rows, P.cols] = P.values
     return Pd
+
+
+def pair_candidates(A_rows, A_cols, P_rows, P_cols, n, zero):
+    """Candidate defining pairs (columns, rows) from the patterns of A
+    (one entry per nonzero) and P: a column with a single entry of A, in
+    a zero-cone row with at least one other entry, and only a diagonal
+    entry in P; one column per row."""
+    col_count = np.bincount(A_cols, minlength=n)
+    row_count = np.bincount(A_rows, minlength=max(zero, 1))
+    row_of = np.full(n, -1)
+    single = np.flatnonzero(col_count[A_cols] == 1)
+    row_of[A_cols[single]] = A_rows[single]
+    p_count = np.bincount(P_rows, minlength=n)
+    diag = np.zeros(n, dtype=bool)
+    diag[P_rows[P_rows == P_cols]] = True
+    cols = np.flatnonzero((col_count == 1) & (p_count == 1) & diag
+                          & (row_of >= 0) & (row_of < zero))
+    rows = row_of[cols]
+    ok = row_count[rows] >= 2
+    cols, rows = cols[ok], rows[ok]
+    rows, first = np.unique(rows, return_index=True)
+    cols = cols[first]
+    return (cols, rows) if cols.size else None
 
 
 def is_shared(Av):
@@ -258,12 +303,23 @@ class _Pairs:
         return (r1j - self.p * xj) / self.a
 
 
-def _defining_pairs(Ad, Pq, zero, pinned):
+def _defining_pairs(Ad, Pq, zero, pinned, candidates=None):
     """The :class:`_Pairs` of a stack (the same for every element), or
-    None."""
+    None: the ``candidates`` (columns, rows) whose coefficients are
+    usable in every element, or, without candidates, those found in the
+    stack's values."""
     B, m, n = Ad.shape
     if not zero or not n:
         return None
+    if candidates is not None:
+        cand, rows = candidates
+        ok = ((Ad[:, rows, cand] != 0).all(axis=0)
+              & (np.einsum("bjj->bj", Pq)[:, cand] > 0).all(axis=0))
+        if pinned is not None:
+            ok &= ~pinned[:, cand].any(axis=0)
+        if not ok.any():
+            return None
+        return _Pairs(Ad, Pq, cand[ok], rows[ok], pinned)
     nz = Ad != 0
     single = (nz.sum(axis=1) == 1).all(axis=0)                 # (n,)
     row = nz.argmax(axis=1)                                    # (B, n)
@@ -353,9 +409,11 @@ class System:
         shared: True if every element has the same A (None: find out).
         Pq: (B, n, n) the objective's quadratic term, if any: it adds to
             the first block of J (and of K).
+        pairs: candidate defining pairs (see :func:`pair_candidates`), or
+            None to search Ad and Pq for them.
     """
 
-    def __init__(self, Ad, st, shared=None, Pq=None):
+    def __init__(self, Ad, st, shared=None, Pq=None, pairs=None):
         B, m, n = Ad.shape
         self.Ad, self.st, self.n = Ad, st, n
         if shared is None:
@@ -411,7 +469,7 @@ class System:
         self.hard = hard
         self._pin(Ad, shared)
         self.pairs = None if Pq is None else _defining_pairs(
-            Ad, Pq, st.zero, self.pinned if self.any_pin else None)
+            Ad, Pq, st.zero, self.pinned if self.any_pin else None, pairs)
         rest = hard.copy()
         rest[:, :zl] &= ~self.pin_row
         if self.pairs is not None:

@@ -110,6 +110,7 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6,
     X, Y, S = X.copy(), Y.copy(), S.copy()
     n, m = X.shape[1], Y.shape[1]
     Pq = _reduced.dense_P(P, n)
+    pairs = None if P is None else P.pairs
     # Without constraints, a quadratic objective still takes the full
     # Jacobian (J = P); the bordered step has no quadratic term.
     only_full = Pq is not None and m == 0
@@ -159,10 +160,10 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6,
                     Xn[sub], Vn[sub] = _reduced_step(
                         Ad_a[sub], Bv[a[sub]], C[a[sub]], Xc[a[sub]],
                         Vc[a[sub]], dims, (F[0][sub], F[1][sub]), shared,
-                        None if Pq is None else Pq_a[sub])
+                        None if Pq is None else Pq_a[sub], pairs)
             else:
                 Xn, Vn = _reduced_step(Ad_a, Bv[a], C[a], Xc[a], Vc[a],
-                                       dims, F, shared, Pq_a)
+                                       dims, F, shared, Pq_a, pairs)
                 ok = _finite(Xn, Vn)
                 if not ok.all() and Pq is not None:
                     # The bordered step below has no quadratic term: the
@@ -230,12 +231,14 @@ def _full_step(Ad, X, V, dims, F, Pq=None):
     return X + d[:, :n], V + d[:, n:]
 
 
-def _reduced_step(Ad, Bv, C, X, V, dims, F=None, shared=False, Pq=None):
+def _reduced_step(Ad, Bv, C, X, V, dims, F=None, shared=False, Pq=None,
+                  pairs=None):
     """One Newton step on F(x, v) = 0 by the reduced system.
 
     ``F``, the pair (F1, F2) at (X, V) if the caller has it, saves its
     evaluation; ``shared``: every element has the same A; ``Pq``: the
-    objective's quadratic term, if any.
+    objective's quadratic term, if any, and ``pairs`` its candidate
+    defining pairs (``reduced.pair_candidates``).
     """
     if F is None:
         Y = cones.project_batch(V, dims, dual=True)
@@ -244,7 +247,7 @@ def _reduced_step(Ad, Bv, C, X, V, dims, F=None, shared=False, Pq=None):
     else:
         F1, F2 = F
     st = _reduced.Structure(V, dims)
-    dx, dv = _reduced.System(Ad, st, shared, Pq).newton(F1, F2)
+    dx, dv = _reduced.System(Ad, st, shared, Pq, pairs).newton(F1, F2)
     return X + dx, V + dv
 
 

@@ -100,10 +100,16 @@ class Workspace:
     change b and c. A workspace is used by one thread at a time.
     """
 
-    def __init__(self, A, cone, options, P=None):
+    def __init__(self, A, cone, options, P=None, b=None, c=None):
         n = A.shape[1]
         m = A.shape[0]
-        data = {"A": A, "b": np.zeros(m), "c": np.zeros(n)}
+        # SCS sets its scaling up from the data it starts with. Without a
+        # quadratic term b = c = 0 is used (the well-tried choice: one
+        # element's b and c can be badly scaled for the others); with
+        # one, b = c = 0 left later updates unsolvable (status "unknown",
+        # iteration limit), so callers pass their first element's b and c.
+        data = {"A": A, "b": np.zeros(m) if b is None else b,
+                "c": np.zeros(n) if c is None else c}
         if P is not None:
             data["P"] = P
         self._solver = scs.SCS(data, cone, **options)

@@ -1669,3 +1669,28 @@ def test_defining_pair_variables_as_outputs(monkeypatch):
         _assert_close(got[0][k], x.value, FORWARD_RTOL, "x")
         _assert_close(got[1][k], r.value, FORWARD_RTOL, "r")
     assert_vjp_matches_finite_differences(layer, values, rng)
+
+
+def test_quadratic_objective_with_a_shared_workspace():
+    # A and P do not depend on the parameters, so one SCS workspace per
+    # thread serves every element and only b and c change. Set up with
+    # b = c = 0, SCS could not solve this quadratic program after the
+    # update (status unknown at the iteration limit); with the first
+    # element's data it does, for every element of the batch.
+    M = np.array([[27593.66, 22080.31, 9191.91],
+                  [22080.31, 38346.85, 17027.27],
+                  [9191.91, 17027.27, 9144.84]])
+    e = np.array([8560.97, 1421.15, -6526.31])
+    x = cp.Variable(3)
+    c = cp.Parameter(3)
+    problem = cp.Problem(cp.Minimize(cp.quad_form(x, M) + c @ x
+                                     + 0.3 * cp.norm2(x - e)))
+    layer = optlayer.Layer(problem, [c], [x], quadratic_objective=True)
+    assert layer._A_constant
+    cs = np.array([-1014.075, -2129.08, 1862.9]) * np.array(
+        [[1.0], [0.5], [-2.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (got,) = layer(cs)
+    (want,) = optlayer.Layer(problem, [c], [x])(cs)
+    _assert_close(got, want, 1e-8, "x")
