@@ -176,6 +176,7 @@ class Layer:
         # Whether the user limited SCS (inaccurate results then only warn).
         self._user_limits = bool(set(solver_options or {}) & {
             "max_iters", "time_limit_secs", "eps_abs", "eps_rel"})
+        self.quadratic_objective = bool(quadratic_objective)
         self.n_jobs = _check_n_jobs(n_jobs)
         self.warm_start = bool(warm_start)
         self._last_solution = None
@@ -604,7 +605,8 @@ class Layer:
         if not self.refine:
             _solve.check_statuses([r[3] for r in results],
                                   [r[4] for r in results], batched,
-                                  indices=todo, batch_size=batch)
+                                  indices=todo, batch_size=batch,
+                                  quadratic_objective=self.quadratic_objective)
             return X, Y, S
         # Elements SCS's first pass failed on are reported together with
         # those that fail after refinement (one error naming all of them).
@@ -618,7 +620,8 @@ class Layer:
                                       todo, failed)
             X[todo], Y[todo], S[todo] = Xr, Yr, Sr
         if failed:
-            raise _solve.solver_error(failed, batched, batch)
+            raise _solve.solver_error(failed, batched, batch,
+                                      self.quadratic_objective)
         return X, Y, S
 
     def _solve_unconstrained(self, Av, Bv, C, Pv, X, Y, S, batched):
@@ -732,9 +735,19 @@ class Layer:
         if failed.size:
             logger.info("%d of %d elements solved again at tight tolerance",
                         failed.size, batch)
-            results = self._resolve(Av, Bv, C, Pv, X, Y, S, failed,
-                                    _solve.DEFAULT_SOLVER_OPTIONS["eps_abs"],
+            tight = _solve.DEFAULT_SOLVER_OPTIONS["eps_abs"]
+            results = self._resolve(Av, Bv, C, Pv, X, Y, S, failed, tight,
                                     raw=True)
+            # From a point SCS could not finish from, a cold start
+            # sometimes does (badly scaled data).
+            again = [k for k, r in enumerate(results)
+                     if r[3] != _solve.SOLVED]
+            if again:
+                cold = self._resolve(Av, Bv, C, Pv, X, Y, S, failed[again],
+                                     tight, raw=True, warm=False)
+                for k, r in zip(again, cold):
+                    if r[3] == _solve.SOLVED:
+                        results[k] = r
             for i, r in zip(failed, results):
                 X[i], Y[i], S[i] = r[0], r[1], r[2]
             # The last resort: an inaccurate answer here is accepted (with
@@ -778,10 +791,12 @@ class Layer:
         out[k] = np.maximum(kkt, cone)
         return out
 
-    def _resolve(self, Av, Bv, C, Pv, X, Y, S, which, eps, raw=False):
-        """SCS from (X, Y, S) at tolerance ``eps`` for the elements
-        ``which``: the raw results if ``raw``, else stacked (X, Y, S), or
-        None if any of them failed (the tight pass then reports it)."""
+    def _resolve(self, Av, Bv, C, Pv, X, Y, S, which, eps, raw=False,
+                 warm=True):
+        """SCS from (X, Y, S) (from scratch if not ``warm``) at tolerance
+        ``eps`` for the elements ``which``: the raw results if ``raw``,
+        else stacked (X, Y, S), or None if any of them failed (the tight
+        pass then reports it)."""
         cp_ = self.compiled
         # The user's settings, but SCS's own tolerances at most eps.
         options = dict(self.solver_options)
@@ -791,8 +806,9 @@ class Layer:
         def one(i):
             A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
                                   (cp_.m, cp_.n))
+            start = (X[i], Y[i], S[i]) if warm else None
             return _solve.solve_one(A, Bv[i], C[i], self._cone, options,
-                                    (X[i], Y[i], S[i]), self._P_matrix(Pv, i))
+                                    start, self._P_matrix(Pv, i))
 
         results = self._map(one, which)
         if raw:

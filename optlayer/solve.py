@@ -136,7 +136,8 @@ INACCURATE_LIMIT = 1e-6
 
 
 def check_statuses(status_vals, statuses, batched, indices=None,
-                   batch_size=None, warn=True, residuals=None):
+                   batch_size=None, warn=True, residuals=None,
+                   quadratic_objective=False):
     """Raise SolverError for failed elements, warn for inaccurate ones.
 
     Args:
@@ -148,13 +149,15 @@ def check_statuses(status_vals, statuses, batched, indices=None,
             as refinement, checks their accuracy itself).
         residuals: optional relative KKT residual per element; inaccurate
             elements above ``INACCURATE_LIMIT`` then count as failed.
+        quadratic_objective: the layer keeps its objective quadratic (for
+            the message's hint).
     """
     import warnings
 
     failed = failures(status_vals, statuses, indices, residuals)
     batch_size = len(statuses) if batch_size is None else batch_size
     if failed:
-        raise solver_error(failed, batched, batch_size)
+        raise solver_error(failed, batched, batch_size, quadratic_objective)
     status_vals = np.asarray(status_vals)
     if indices is None:
         indices = np.arange(status_vals.size)
@@ -175,7 +178,8 @@ def failures(status_vals, statuses, indices=None, residuals=None):
     status_vals = np.asarray(status_vals)
     if indices is None:
         indices = np.arange(status_vals.size)
-    statuses = list(statuses)
+    # SCS leaves the text empty when it cannot tell the status.
+    statuses = [_status_text(s) for s in statuses]
     if residuals is not None:
         residuals = np.asarray(residuals)
         too_far = (status_vals == SOLVED_INACCURATE) & ~(
@@ -189,7 +193,15 @@ def failures(status_vals, statuses, indices=None, residuals=None):
             zip(np.flatnonzero(bad), np.asarray(indices)[bad])}
 
 
-def solver_error(failed, batched, batch_size):
+def _status_text(status):
+    """SCS's status text, "unknown" where SCS left it empty."""
+    text = str(status).strip()
+    if not text or text.startswith("("):
+        text = ("unknown " + text).strip()
+    return text
+
+
+def solver_error(failed, batched, batch_size, quadratic_objective=False):
     """The SolverError for ``failed`` (batch index -> status text)."""
     order = sorted(failed)
     if batched:
@@ -205,9 +217,17 @@ def solver_error(failed, batched, batch_size):
                 "badly scaled data: squared norms (sum_squares, quad_form) "
                 "of quantities of size 100 or more become cone "
                 "constraints on their squares that SCS cannot solve "
-                "accurately. In the objective, construct the layer with "
-                "quadratic_objective=True, which keeps them quadratic; "
-                "elsewhere, rescale such parameters to about 1.")
+                "accurately. ")
+        if quadratic_objective:
+            hint += ("Those of the objective are kept quadratic already "
+                     "(quadratic_objective=True); in constraints, and for "
+                     "other badly scaled data, rescale the parameters to "
+                     "about 1.")
+        else:
+            hint += ("In the objective, construct the layer with "
+                     "quadratic_objective=True, which keeps them "
+                     "quadratic; elsewhere, rescale such parameters to "
+                     "about 1.")
     return SolverError(
         f"The solver failed on {what}. "
         "Check that the parameter values give a feasible, bounded "

@@ -1694,3 +1694,28 @@ def test_quadratic_objective_with_a_shared_workspace():
         (got,) = layer(cs)
     (want,) = optlayer.Layer(problem, [c], [x])(cs)
     _assert_close(got, want, 1e-8, "x")
+
+
+def test_badly_scaled_element_solved_by_a_cold_last_pass():
+    # A norm bound of 4e6 on x (inactive; x = d / (1 + p) for the Huber
+    # loss in its quadratic region): SCS's 1e-4 point does not polish,
+    # and SCS warm-started from there stops at its iteration limit; the
+    # last pass, from scratch, solves it. Both forms give the answer.
+    x = cp.Variable(4)
+    d = cp.Parameter(4)
+    p = cp.Parameter(nonneg=True)
+    r = cp.Parameter(nonneg=True)
+    problem = cp.Problem(
+        cp.Minimize(cp.sum(cp.huber(x - d, 1882.8224974438103))
+                    + p * cp.sum_squares(x)),
+        [cp.sum_squares(x) <= r])
+    values = [np.array([80.97950001948915, -139.8744018544969,
+                        -92.96086892165422, 62.239104190607044]),
+              2.0084987252137663, 4058125.5274443943]
+    want = values[0] / (1 + values[1])
+    for quadratic in (False, True):
+        layer = optlayer.Layer(problem, [d, p, r], [x],
+                               quadratic_objective=quadratic)
+        (got,) = layer(*values)
+        # SCS's last pass stops at 1e-10 relative to data of size 4e6.
+        _assert_close(got, want, 1e-6, f"x (quadratic={quadratic})")

@@ -731,3 +731,20 @@ def test_degenerate_solutions_warn_in_the_backward_pass():
     with pytest.warns(RuntimeWarning, match=r"batch element\(s\) \[1\] is "
                       r"degenerate"):
         layer.vjp([values], [np.ones((3, 2))])
+
+
+def test_empty_scs_status_reads_unknown_and_hint_fits_the_option():
+    # SCS leaves its status text empty when it cannot tell; the error says
+    # "unknown". The rescaling hint suggests quadratic_objective=True only
+    # to layers that do not use it already.
+    from optlayer.solve import failures, solver_error
+
+    failed = failures([-4], [" (inaccurate - reached max_iters)"])
+    assert failed == {0: "unknown (inaccurate - reached max_iters)"}
+    assert "the problem: unknown (inaccurate" in str(
+        solver_error(failed, False, 1))
+    status = {0: "solved (inaccurate - reached max_iters)"}
+    assert "construct the layer with quadratic_objective=True" in str(
+        solver_error(status, False, 1))
+    assert "kept quadratic already" in str(
+        solver_error(status, False, 1, quadratic_objective=True))
