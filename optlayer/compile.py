@@ -446,7 +446,7 @@ def _dual_output(chain, inverse_data, param_prob, problem, var, m, n):
 
 
 def compile_problem(problem, parameters, variables, presolve=True,
-                    quadratic_objective=False):
+                    quadratic_objective=True):
     """Compile ``problem`` into a :class:`CompiledProblem`.
 
     Args:

@@ -345,27 +345,35 @@ def _count_scs_calls(monkeypatch):
     return calls
 
 
-def test_cold_newton_solves_least_squares_without_scs(monkeypatch):
+@pytest.mark.parametrize("quadratic", [False, True])
+def test_cold_newton_solves_least_squares_without_scs(quadratic,
+                                                      monkeypatch):
     # Nonnegative least squares: Newton steps from the origin converge (the
     # first overshoots, the next recover), so no element of a batch of 32
-    # needs SCS, and the answers are CVXPY's. A single element of this
-    # small program is solved by SCS (there, 10 to 20 stacked steps cost
-    # more than SCS and a few polishing steps).
+    # needs SCS, and the answers are CVXPY's. In cone form a single
+    # element of this small program is solved by SCS (there, 10 to 20
+    # stacked steps cost more than SCS and a few polishing steps); kept
+    # quadratic, where the steps take a few iterations, it is not.
     rng = _rng("cold_newton_nnls")
     x = cp.Variable(8)
     A = cp.Parameter((12, 8))
     b = cp.Parameter(12)
     problem = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b)), [x >= 0])
-    layer = optlayer.Layer(problem, [A, b], [x], warm_start=False)
+    layer = optlayer.Layer(problem, [A, b], [x], warm_start=False,
+                           quadratic_objective=quadratic)
     # This program is small enough that the cost rule would leave 32
-    # elements to SCS; the batch-size rule still applies.
+    # elements to SCS; the batch-size rule still applies in cone form.
     monkeypatch.setattr(optlayer.layer, "_COLD_MIN_WORK", 0)
     As, bs = rng.normal(size=(32, 12, 8)), rng.normal(size=(32, 12))
     calls = _count_scs_calls(monkeypatch)
     (single,) = layer(As[:1], bs[:1])
-    assert len(calls) == 1 and layer._cold_newton is None
+    if quadratic:
+        assert calls == [] and layer._cold_newton is True
+    else:
+        assert len(calls) == 1 and layer._cold_newton is None
+    scs_calls = len(calls)
     (got,) = layer(As, bs)
-    assert len(calls) == 1
+    assert len(calls) == scs_calls
     assert layer._cold_newton is True
     monkeypatch.undo()
     _assert_close(single[0], got[0], 1e-9, "batch of one")
@@ -1404,21 +1412,35 @@ def _quadratic_layer(name):
                           quadratic_objective=True, **case.layer_kwargs)
 
 
+@functools.cache
+def _cone_layer(name):
+    """The case's layer in CVXPY's cone form (quadratic_objective=False;
+    the default keeps quadratic objectives quadratic)."""
+    case = get_case(name)
+    problem, params, variables = case.build()
+    return optlayer.Layer(problem, params, variables,
+                          quadratic_objective=False, **case.layer_kwargs)
+
+
 QUADRATIC_CASES = [c for c in CASES if _quadratic_layer(c.name).compiled.has_P]
 
 
 def test_quadratic_cases_exist():
     # The zoo's least-squares, lasso, ReLU, logistic and QP cases keep a
-    # quadratic term; linear objectives have none.
+    # quadratic term (by default); linear objectives have none, and
+    # neither has the cone form.
     names = {c.name for c in QUADRATIC_CASES}
     assert {"qp", "constrained_lsq", "lasso", "relu"} <= names
-    assert "lp" not in names and not _layer("qp").compiled.has_P
+    assert "lp" not in names and _layer("qp").compiled.has_P
+    assert not _cone_layer("qp").compiled.has_P
 
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
 @pytest.mark.parametrize("case", _case_params(QUADRATIC_CASES))
-def test_quadratic_objective_forward_matches_cvxpy(case, batch_size):
-    layer = _quadratic_layer(case.name)
+def test_cone_form_forward_matches_cvxpy(case, batch_size):
+    # The default keeps these objectives quadratic (the zoo's other tests);
+    # here their cone form (quadratic_objective=False).
+    layer = _cone_layer(case.name)
     values = make_inputs(case, _rng("qforward", case.name, batch_size),
                          batch_size)
     outputs = layer(*values)
@@ -1430,9 +1452,8 @@ def test_quadratic_objective_forward_matches_cvxpy(case, batch_size):
 
 @pytest.mark.parametrize("batch_size", [None, 5])
 @pytest.mark.parametrize("case", _case_params(QUADRATIC_CASES))
-def test_quadratic_objective_vjp_matches_finite_differences(case,
-                                                            batch_size):
-    layer = _quadratic_layer(case.name)
+def test_cone_form_vjp_matches_finite_differences(case, batch_size):
+    layer = _cone_layer(case.name)
     rng = _rng("qfd", case.name, batch_size)
     values = make_inputs(case, rng, batch_size)
     assert_vjp_matches_finite_differences(layer, values, rng)
@@ -1448,7 +1469,7 @@ def test_quadratic_and_cone_forms_agree(case, monkeypatch):
 
     rng = _rng("qagree", case.name)
     values = make_inputs(case, rng, 3)
-    cone = _layer(case.name)
+    cone = _cone_layer(case.name)
     outputs, state = cone.solve(*values)
     cotangents = _random_cotangents(cone, 3, rng)
     want = cone.adjoint(values, state, cotangents)
@@ -1477,10 +1498,11 @@ def _simplex_projection(a):
 
 def test_quadratic_objective_solves_large_data_accurately():
     # Projections onto the simplex of points with entries of several
-    # thousand. In cone form SCS cannot solve them (SolverError, whose
-    # message points at the option); kept quadratic they match the
-    # closed form to 1e-10 relative, and so does the gradient:
-    # dx/da = diag(s) - s s' / |s| on the support s.
+    # thousand. In cone form (quadratic_objective=False) SCS cannot solve
+    # them (SolverError, whose message points at the option); kept
+    # quadratic (the default) they match the closed form to 1e-10
+    # relative, and so does the gradient: dx/da = diag(s) - s s' / |s| on
+    # the support s.
     x = cp.Variable(8)
     a = cp.Parameter(8)
     problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)),
@@ -1491,8 +1513,9 @@ def test_quadratic_objective_solves_large_data_accurately():
         warnings.simplefilter("ignore")
         with pytest.raises(optlayer.SolverError,
                            match="quadratic_objective=True"):
-            optlayer.Layer(problem, [a], [x])(values)
-    layer = optlayer.Layer(problem, [a], [x], quadratic_objective=True)
+            optlayer.Layer(problem, [a], [x],
+                           quadratic_objective=False)(values)
+    layer = optlayer.Layer(problem, [a], [x])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         (got,) = layer(values)
@@ -1586,7 +1609,7 @@ def test_quadratic_objective_from_the_origin_and_warm_starts(case,
     second = _interpolate(first, make_inputs(case, rng, 3), 0.05)
     for values in (first, second):
         got = layer(*values)
-        want = _layer(case.name)(*values)
+        want = _cone_layer(case.name)(*values)
         for k, (g, w) in enumerate(zip(got, want)):
             _assert_close(g, w, 1e-8, f"output {k}")
 
@@ -1692,7 +1715,8 @@ def test_quadratic_objective_with_a_shared_workspace():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         (got,) = layer(cs)
-    (want,) = optlayer.Layer(problem, [c], [x])(cs)
+    (want,) = optlayer.Layer(problem, [c], [x],
+                             quadratic_objective=False)(cs)
     _assert_close(got, want, 1e-8, "x")
 
 
