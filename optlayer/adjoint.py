@@ -104,7 +104,8 @@ def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims, P=None):
         x, y, s: the primal-dual solution.
         gx, gy, gs: cotangents of x, y and s.
         dims: the cone K as a ``cones.ConeDims``.
-        P: the objective's quadratic term as (values, rows, cols), or None.
+        P: the objective's quadratic term (a ``reduced.Quadratic``), or
+            None.
 
     Returns:
         (dA_values, db, dc, dP): dA_values[k] is the gradient for
@@ -316,8 +317,8 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
         X, Y, S: (B, n), (B, m), (B, m) solutions.
         GX, GY, GS: cotangents shaped like X, Y, S.
         dims: the cone.
-        P: the objective's quadratic term as (values (B, nnz_P), rows,
-            cols), or None.
+        P: the objective's quadratic term (a ``reduced.Quadratic``), or
+            None.
 
     Returns:
         (dA (B, nnz), db (B, m), dc (B, n), dP (B, nnz_P); nnz_P = 0
@@ -392,17 +393,16 @@ def _adjoint_full(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims, Ad,
     g = np.concatenate([GX, _reduced.bmv(D, GY + GS) - GS], axis=1)
     r = _reduced.solve_checked(np.swapaxes(J, 1, 2), g, RESIDUAL_TOL)
     bad = np.flatnonzero(~np.isfinite(r).all(axis=1))
-    if bad.size and (Pq is not None and m == 0):
-        # Singular P without constraints: the minimum-norm solution.
-        for b in bad:
-            r[b] = np.linalg.lstsq(J[b].T, g[b], rcond=1e-12)[0]
-        bad = bad[:0]
     out = _gradients(rows, cols, X, Y, r[:, :n], r[:, n:], P)
     if bad.size:
-        # Singular J: the reduced system, and the bordered one after it.
-        fallback = adjoint_dense(
-            Av[bad], rows, cols, Bv[bad], C[bad], X[bad], Y[bad], S[bad],
-            GX[bad], GY[bad], GS[bad], dims, full=False, P=_take(P, bad))
+        # Singular J: the reduced system, and the bordered one after it
+        # (without constraints, singular P: the minimum-norm solution).
+        args = (Av[bad], rows, cols, Bv[bad], C[bad], X[bad], Y[bad],
+                S[bad], GX[bad], GY[bad], GS[bad], dims)
+        if m == 0:
+            fallback = adjoint_bordered(*args, P=_take(P, bad))
+        else:
+            fallback = adjoint_dense(*args, full=False, P=_take(P, bad))
         for a, f in zip(out, fallback):
             a[bad] = f
     return out

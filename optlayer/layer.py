@@ -495,8 +495,8 @@ class Layer:
         self._local = threading.local()
 
     def _quad(self, Pv):
-        """The quadratic term (values, rows, cols) for refine and adjoint,
-        or None without one."""
+        """The quadratic term (a ``reduced.Quadratic``) for refine and
+        adjoint, or None without one."""
         if not self.compiled.has_P:
             return None
         return _reduced.Quadratic(Pv, self.compiled.P_rows,
@@ -767,15 +767,10 @@ class Layer:
                 self._inaccurate_residuals(
                     Av[failed], Bv[failed], C[failed], Pv[failed], X[failed],
                     Y[failed], S[failed], status_vals)))
-            inaccurate = [int(i) for i, v in zip(
-                np.asarray(indices)[failed], status_vals)
-                if v == _solve.SOLVED_INACCURATE and int(i) not in failures]
-            if inaccurate:
-                warnings.warn(
-                    "SCS returned an inaccurate solution for batch "
-                    f"element(s) {inaccurate[:20]}; outputs and gradients "
-                    "may be inaccurate. Raise max_iters in solver_options.",
-                    RuntimeWarning, stacklevel=5)
+            _solve.warn_inaccurate(
+                [i for i, v in zip(np.asarray(indices)[failed], status_vals)
+                 if v == _solve.SOLVED_INACCURATE and int(i) not in failures],
+                stacklevel=6)
         return X, Y, S
 
     def _inaccurate_residuals(self, Av, Bv, C, Pv, X, Y, S, status_vals):
@@ -934,14 +929,8 @@ class Layer:
         theta = np.empty((batch, cp_.num_params + 1))
         for arr, flag, offset, size in zip(values, flags, cp_.param_offsets,
                                            self._param_sizes):
-            # Column-major flattening, per element if batched (a batch of
-            # one broadcasts).
-            if flag:
-                flat = arr.transpose((0,) + tuple(range(arr.ndim - 1, 0, -1)))
-                theta[:, offset:offset + size] = flat.reshape(arr.shape[0],
-                                                              size)
-            else:
-                theta[:, offset:offset + size] = arr.reshape(-1, order="F")
+            # A batch of one (or an unbatched value) broadcasts.
+            theta[:, offset:offset + size] = _vec_f(arr, flag)
         theta[:, -1] = 1.0
         if not np.isfinite(theta).all():
             self._report_non_finite(values, flags)

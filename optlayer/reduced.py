@@ -90,8 +90,7 @@ class Quadratic(typing.NamedTuple):
         values: (B, nnz) values of P at (rows, cols), both triangles.
         rows, cols: the pattern.
         pairs: candidate defining pairs (columns, rows) found from the
-            patterns of A and P (see :class:`_Pairs`), or None to search
-            the stack's values.
+            patterns of A and P (:func:`pair_candidates`), or None.
     """
 
     values: np.ndarray
@@ -303,45 +302,20 @@ class _Pairs:
         return (r1j - self.p * xj) / self.a
 
 
-def _defining_pairs(Ad, Pq, zero, pinned, candidates=None):
-    """The :class:`_Pairs` of a stack (the same for every element), or
-    None: the ``candidates`` (columns, rows) whose coefficients are
-    usable in every element, or, without candidates, those found in the
-    stack's values."""
-    B, m, n = Ad.shape
-    if not zero or not n:
+def _defining_pairs(Ad, Pq, pinned, candidates):
+    """The :class:`_Pairs` of a stack: the ``candidates`` (columns, rows;
+    see :func:`pair_candidates`) whose coefficients a and p are usable in
+    every element and whose column is not pinned; None without any."""
+    if candidates is None:
         return None
-    if candidates is not None:
-        cand, rows = candidates
-        ok = ((Ad[:, rows, cand] != 0).all(axis=0)
-              & (np.einsum("bjj->bj", Pq)[:, cand] > 0).all(axis=0))
-        if pinned is not None:
-            ok &= ~pinned[:, cand].any(axis=0)
-        if not ok.any():
-            return None
-        return _Pairs(Ad, Pq, cand[ok], rows[ok], pinned)
-    nz = Ad != 0
-    single = (nz.sum(axis=1) == 1).all(axis=0)                 # (n,)
-    row = nz.argmax(axis=1)                                    # (B, n)
-    same_row = (row == row[:1]).all(axis=0)
-    Pnz = Pq != 0
-    diag = np.einsum("bjj->bj", Pq)
-    only_diag = ((Pnz.sum(axis=2) == 1) & (diag > 0)).all(axis=0)
-    row_nnz = nz.sum(axis=2)                                   # (B, m)
-    cand = np.flatnonzero(single & same_row & only_diag)
-    if cand.size == 0:
-        return None
-    rows = row[0, cand]
-    ok = (rows < zero) & (row_nnz[:, rows] >= 2).all(axis=0)
+    cand, rows = candidates
+    ok = ((Ad[:, rows, cand] != 0).all(axis=0)
+          & (np.einsum("bjj->bj", Pq)[:, cand] > 0).all(axis=0))
     if pinned is not None:
         ok &= ~pinned[:, cand].any(axis=0)
-    cand, rows = cand[ok], rows[ok]
-    # One column per row.
-    rows, first = np.unique(rows, return_index=True)
-    cand = cand[first]
-    if cand.size == 0:
+    if not ok.any():
         return None
-    return _Pairs(Ad, Pq, cand, rows, pinned)
+    return _Pairs(Ad, Pq, cand[ok], rows[ok], pinned)
 
 
 def _soc_groups(dims, V):
@@ -373,7 +347,6 @@ class Structure:
         B, m = V.shape
         z, nonneg = dims.zero, dims.nonneg
         self.m = m
-        self.zero = z
         self.zl = z + nonneg
         self.lam_diag = np.concatenate(
             [np.ones((B, z)), (V[:, z:self.zl] > 0).astype(float)], axis=1)
@@ -410,7 +383,7 @@ class System:
         Pq: (B, n, n) the objective's quadratic term, if any: it adds to
             the first block of J (and of K).
         pairs: candidate defining pairs (see :func:`pair_candidates`), or
-            None to search Ad and Pq for them.
+            None for none.
     """
 
     def __init__(self, Ad, st, shared=None, Pq=None, pairs=None):
@@ -469,7 +442,7 @@ class System:
         self.hard = hard
         self._pin(Ad, shared)
         self.pairs = None if Pq is None else _defining_pairs(
-            Ad, Pq, st.zero, self.pinned if self.any_pin else None, pairs)
+            Ad, Pq, self.pinned if self.any_pin else None, pairs)
         rest = hard.copy()
         rest[:, :zl] &= ~self.pin_row
         if self.pairs is not None:

@@ -101,8 +101,8 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6,
         give_up: optional (steps, level): after that many steps, elements
             whose current residual is above ``level`` stop (for starts
             from which Newton steps may not converge at all).
-        P: the objective's quadratic term as (values (B, nnz), rows,
-            cols), or None.
+        P: the objective's quadratic term (a ``reduced.Quadratic``), or
+            None.
 
     Returns:
         (X, Y, S, res): refined points and their relative KKT residuals.

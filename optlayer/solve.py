@@ -136,7 +136,7 @@ INACCURATE_LIMIT = 1e-6
 
 
 def check_statuses(status_vals, statuses, batched, indices=None,
-                   batch_size=None, warn=True, residuals=None,
+                   batch_size=None, residuals=None,
                    quadratic_objective=False):
     """Raise SolverError for failed elements, warn for inaccurate ones.
 
@@ -145,15 +145,11 @@ def check_statuses(status_vals, statuses, batched, indices=None,
         batched: whether the call had a batch dimension (for the message).
         indices: the batch index of each element (default 0, 1, ...).
         batch_size: the size of the whole batch (default: len(statuses)).
-        warn: warn about inaccurate elements (off when a later step, such
-            as refinement, checks their accuracy itself).
         residuals: optional relative KKT residual per element; inaccurate
             elements above ``INACCURATE_LIMIT`` then count as failed.
         quadratic_objective: the layer keeps its objective quadratic (for
             the message's hint).
     """
-    import warnings
-
     failed = failures(status_vals, statuses, indices, residuals)
     batch_size = len(statuses) if batch_size is None else batch_size
     if failed:
@@ -161,15 +157,22 @@ def check_statuses(status_vals, statuses, batched, indices=None,
     status_vals = np.asarray(status_vals)
     if indices is None:
         indices = np.arange(status_vals.size)
-    inaccurate = np.asarray(indices)[status_vals == SOLVED_INACCURATE]
-    if inaccurate.size and warn:
+    warn_inaccurate(np.asarray(indices)[status_vals == SOLVED_INACCURATE],
+                    stacklevel=5)
+
+
+def warn_inaccurate(elements, stacklevel):
+    """The RuntimeWarning for batch elements SCS left inaccurate (none
+    for an empty list)."""
+    import warnings
+
+    elements = [int(i) for i in elements]
+    if elements:
         warnings.warn(
             "SCS returned an inaccurate solution for batch element(s) "
-            f"{inaccurate.tolist()[:20]}; outputs and gradients may be "
-            "inaccurate. Raise max_iters in solver_options.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+            f"{elements[:20]}; outputs and gradients may be inaccurate. "
+            "Raise max_iters in solver_options.",
+            RuntimeWarning, stacklevel=stacklevel)
 
 
 def failures(status_vals, statuses, indices=None, residuals=None):
