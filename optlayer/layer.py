@@ -54,6 +54,14 @@ _COLD_GIVE_UP = 1e4
 # SCS first.
 _COLD_MIN_BATCH = 16
 _COLD_MIN_WORK = 4000
+# Elements that six Newton steps did not refine take up to this many more
+# before SCS is run again (a semismooth Newton iteration from a point of
+# badly scaled data can take 10 to 20 steps to settle its active set, its
+# residual rising above 1e-2 on the way), unless their residual is still
+# above _LONG_GIVE_UP after _LONG_CHECK steps.
+_LONG_STEPS = 24
+_LONG_CHECK = 8
+_LONG_GIVE_UP = 1.0
 # SCS's tolerance for a second try at elements that did not refine.
 _RESOLVE_EPS = 1e-7
 # Memory for one chunk of the stacked dense adjoint.
@@ -725,6 +733,8 @@ class Layer:
         X, Y, S, res = self._refine_chunks(Av, Bv, C, Pv, X, Y, S)
         failed = np.flatnonzero(~(res <= _REFINE_ACCEPT))
         if failed.size:
+            failed = self._refine_longer(Av, Bv, C, Pv, X, Y, S, failed)
+        if failed.size:
             logger.info("refinement left %d of %d elements above %.0e; "
                         "solving them again from there",
                         failed.size, batch, _REFINE_ACCEPT)
@@ -732,7 +742,9 @@ class Layer:
                                 _RESOLVE_EPS)
             if sub is not None:
                 Xf, Yf, Sf, resf = self._refine_chunks(
-                    Av[failed], Bv[failed], C[failed], Pv[failed], *sub)
+                    Av[failed], Bv[failed], C[failed], Pv[failed], *sub,
+                    max_steps=_LONG_STEPS,
+                    give_up=(_LONG_CHECK, _LONG_GIVE_UP))
                 done = resf <= _REFINE_ACCEPT
                 ok = failed[done]
                 X[ok], Y[ok], S[ok] = Xf[done], Yf[done], Sf[done]
@@ -772,6 +784,18 @@ class Layer:
                  if v == _solve.SOLVED_INACCURATE and int(i) not in failures],
                 stacklevel=6)
         return X, Y, S
+
+    def _refine_longer(self, Av, Bv, C, Pv, X, Y, S, failed):
+        """More Newton steps for the elements ``failed`` (updated in X, Y,
+        S where they refine); returns those that still do not."""
+        Xf, Yf, Sf, resf = self._refine_chunks(
+            Av[failed], Bv[failed], C[failed], Pv[failed], X[failed],
+            Y[failed], S[failed], max_steps=_LONG_STEPS,
+            give_up=(_LONG_CHECK, _LONG_GIVE_UP))
+        done = resf <= _REFINE_ACCEPT
+        ok = failed[done]
+        X[ok], Y[ok], S[ok] = Xf[done], Yf[done], Sf[done]
+        return failed[~done]
 
     def _inaccurate_residuals(self, Av, Bv, C, Pv, X, Y, S, status_vals):
         """Relative KKT residuals (with the distance of y and s from their
