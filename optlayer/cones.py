@@ -291,38 +291,47 @@ def dproj_soc(v: np.ndarray) -> np.ndarray:
 
 
 def _proj_soc_stack(V: np.ndarray) -> np.ndarray:
-    """`proj_soc` applied to each row of V (B, k)."""
+    """`proj_soc` applied to each row of V (B, k).
+
+    With r = ||x|| and a = (t + r) / (2 r) clipped to [0, 1] (1 where r =
+    0), the projection is (t, x) inside the cone (a = 1), 0 in its polar
+    (a = 0) and a (r, x) between: one formula for the three cases.
+    """
     t, X = V[:, 0], V[:, 1:]
-    r = np.linalg.norm(X, axis=1)
-    inside, polar = r <= t, r <= -t
-    general = ~(inside | polar)
-    P = np.where(inside[:, None], V, 0.0)
-    rg = r[general]
-    half = 0.5 * (t[general] + rg)
-    P[general, 0] = half
-    P[general, 1:] = (half / rg)[:, None] * X[general]
+    r = np.sqrt(np.einsum("ij,ij->i", X, X))
+    a = np.divide(0.5 * (t + r), r, out=np.ones_like(r), where=r > 0)
+    np.clip(a, 0.0, 1.0, out=a)
+    P = V * a[:, None]
+    P[:, 0] = np.where(r <= t, t, a * r)
     return P
 
 
 def _dproj_soc_stack(V: np.ndarray) -> np.ndarray:
-    """`dproj_soc` for each row of V (B, k); returns (B, k, k)."""
+    """`dproj_soc` for each row of V (B, k); returns (B, k, k).
+
+    Rows strictly between the cone and its polar (r > |t|) take the
+    general formula with u = x / r and rho = t / r; the other rows' terms
+    vanish there (u is set to 0) and the identity is added inside the
+    cone.
+    """
     B, k = V.shape
     t, X = V[:, 0], V[:, 1:]
-    r = np.linalg.norm(X, axis=1)
-    inside, polar = r <= t, r <= -t
-    general = ~(inside | polar)
-    D = np.zeros((B, k, k))
-    D[inside] = np.eye(k)
-    rg, tg = r[general], t[general]
-    U = X[general] / rg[:, None]
-    Dg = np.zeros((U.shape[0], k, k))
-    Dg[:, 0, 0] = 0.5
-    Dg[:, 0, 1:] = Dg[:, 1:, 0] = 0.5 * U
-    ratio = (tg / rg)[:, None, None]
-    Dg[:, 1:, 1:] = 0.5 * (
-        (1 + ratio) * np.eye(k - 1) - ratio * U[:, :, None] * U[:, None, :]
-    )
-    D[general] = Dg
+    r = np.sqrt(np.einsum("ij,ij->i", X, X))
+    general = r > np.abs(t)
+    inside = r <= t
+    rs = np.where(general, r, 1.0)
+    h = 0.5 * general
+    half_u = X * (h / rs)[:, None]
+    rho = t / rs
+    D = np.empty((B, k, k))
+    D[:, 0, 0] = h + inside
+    D[:, 0, 1:] = half_u
+    D[:, 1:, 0] = half_u
+    # (rho / 2) u u' = 2 rho (u / 2)(u / 2)'.
+    np.multiply(half_u[:, :, None] * half_u[:, None, :],
+                (-2.0 * rho)[:, None, None], out=D[:, 1:, 1:])
+    idx = np.arange(1, k)
+    D[:, idx, idx] += (h * (1.0 + rho) + inside)[:, None]
     return D
 
 
@@ -902,6 +911,13 @@ def _blocks(dims):
 
 
 @functools.lru_cache(maxsize=32)
+def _non_soc_blocks(dims):
+    """The blocks of ``_blocks`` other than second-order cones (these go
+    by ``_soc_runs``), as a tuple."""
+    return tuple(b for b in _blocks(dims) if b[0] != "soc")
+
+
+@functools.lru_cache(maxsize=32)
 def _soc_runs(dims):
     """(size, start, count) for each run of consecutive equal-size SOCs."""
     runs = []
@@ -1044,10 +1060,8 @@ def project_batch(V, dims: ConeDims, dual: bool = False) -> np.ndarray:
         j = i + k * count
         P[:, i:j] = _proj_soc_stack(V[:, i:j].reshape(B * count, k)).reshape(
             B, k * count)
-    for kind, i, j, param in _blocks(dims):
+    for kind, i, j, param in _non_soc_blocks(dims):
         Vb = V[:, i:j]
-        if kind == "soc":
-            continue
         if kind == "psd":
             w, U = np.linalg.eigh(smat(Vb))
             P[:, i:j] = svec((U * np.maximum(w, 0.0)[:, None, :]) @
@@ -1073,18 +1087,18 @@ def degenerate_elements(Y, S, dims, tol=1e-9):
     Returns a boolean array (B,).
     """
     B = Y.shape[0]
-    scale = tol * (1.0 + np.maximum(np.abs(Y).max(axis=1, initial=0.0),
-                                    np.abs(S).max(axis=1, initial=0.0)))
+    # max(|y_i|, |s_i|) entry by entry; a block is at zero where its
+    # largest such entry is.
+    both = np.maximum(np.abs(Y), np.abs(S))
+    scale = (tol * (1.0 + both.max(axis=1, initial=0.0)))[:, None]
     z, l = dims.zero, dims.nonneg
-    both = np.maximum(np.abs(Y[:, z:z + l]), np.abs(S[:, z:z + l]))
-    bad = (both <= scale[:, None]).any(axis=1) if l else np.zeros(B, bool)
+    bad = ((both[:, z:z + l] <= scale).any(axis=1) if l
+           else np.zeros(B, bool))
     for k, i, count in _soc_runs(dims):
         if k < 2:
             continue
-        j = i + k * count
-        y = np.abs(Y[:, i:j]).reshape(B, count, k).max(axis=2)
-        s_ = np.abs(S[:, i:j]).reshape(B, count, k).max(axis=2)
-        bad |= (np.maximum(y, s_) <= scale[:, None]).any(axis=1)
+        block = both[:, i:i + k * count].reshape(B, count, k).max(axis=2)
+        bad |= (block <= scale).any(axis=1)
     return bad
 
 
@@ -1114,9 +1128,7 @@ def dproject_batch_dense(V, dims: ConeDims, dual: bool = False) -> np.ndarray:
         rows, cols = _soc_run_index(i, k, count)
         Vr = V[:, i:i + k * count].reshape(B * count, k)
         D[:, rows, cols] = _dproj_soc_stack(Vr).reshape(B, count, k, k)
-    for kind, i, j, param in _blocks(dims):
-        if kind == "soc":
-            continue
+    for kind, i, j, param in _non_soc_blocks(dims):
         if kind == "psd":
             D[:, i:j, i:j] = _dproj_psd_stack(V[:, i:j])
         elif dual:

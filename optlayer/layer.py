@@ -185,6 +185,10 @@ class Layer:
         if self.refine and "linear_solver" not in (solver_options or {}):
             self._first_options["linear_solver"] = _solve.linear_solver(
                 cp_.n, cp_.A_indices.size)
+        if self.refine and _is_curved(cp_.dims) and not set(
+                solver_options or {}) & {"eps_abs", "eps_rel"}:
+            for key in ("eps_abs", "eps_rel"):
+                self._first_options[key] = _solve.CURVED_FIRST_EPS
         # Whether the user limited SCS (inaccurate results then only warn).
         self._user_limits = bool(set(solver_options or {}) & {
             "max_iters", "time_limit_secs", "eps_abs", "eps_rel"})
@@ -197,6 +201,7 @@ class Layer:
         # until the first call without a start point has tried.
         self._cold_newton = None
         self._data_cache = None
+        self._last_layout = None
         self._pool = None
         self._local = threading.local()
         cp_ = self.compiled
@@ -219,6 +224,14 @@ class Layer:
         self._T_t = tuple(_transposed(M) for M in (
             cp_.T_A, cp_.T_b, cp_.T_c, elim.T_Ae, elim.W_map,
             self._to_rows, self._to_cols, cp_.T_P))
+        # The maps theta -> (A values, b, c, P values) stacked, one product
+        # each way (the backward's transposed), and where each part starts.
+        stacked = sp.vstack([cp_.T_A, cp_.T_b, cp_.T_c, cp_.T_P],
+                            format="csr")
+        self._T_data = stacked
+        self._T_data_t = _transposed(stacked)
+        self._data_splits = np.cumsum([cp_.T_A.shape[0], cp_.T_b.shape[0],
+                                       cp_.T_c.shape[0]])
         # Candidate defining pairs of a quadratic objective.
         self._pairs = (_reduced.pair_candidates(
             cp_.A_indices, self._A_cols, cp_.P_rows, cp_.P_cols, cp_.n,
@@ -392,9 +405,8 @@ class Layer:
                               for k in range(4))
         T_A_t, T_b_t, T_c_t, T_Ae_t, W_map_t, rows_t, cols_t, T_P_t = \
             self._T_t
-        dtheta = _times(dA, T_A_t) + _times(db, T_b_t) + _times(dc, T_c_t)
-        if cp_.has_P:
-            dtheta = dtheta + _times(dP, T_P_t)
+        dtheta = _times(np.concatenate([dA, db, dc, dP], axis=1),
+                        self._T_data_t)
         if cp_.elim.size:
             # Chain rule through b = T_b theta - A_e(theta) w(theta).
             dbe = _times(db, rows_t)               # db at each A_e value
@@ -449,16 +461,18 @@ class Layer:
 
     def _compute_data(self, theta):
         cp_ = self.compiled
-        C = np.asarray(cp_.T_c @ theta.T).T
-        Bv = np.asarray(cp_.T_b @ theta.T).T
-        Av = np.asarray(cp_.T_A @ theta.T).T
+        data = np.ascontiguousarray(np.asarray(self._T_data @ theta.T).T)
+        Av, Bv, C, Pv = np.split(data, self._data_splits, axis=1)
         elim = cp_.elim
-        w = np.asarray(elim.W_map @ theta.T).T
-        vals_e = np.asarray(elim.T_Ae @ theta.T).T
+        batch = theta.shape[0]
         if elim.size:
+            w = np.asarray(elim.W_map @ theta.T).T
+            vals_e = np.asarray(elim.T_Ae @ theta.T).T
             contrib = vals_e * (self._to_cols @ w.T).T
             Bv = Bv - (self._to_rows @ contrib.T).T
-        Pv = np.asarray(cp_.T_P @ theta.T).T
+        else:
+            w = np.zeros((batch, 0))
+            vals_e = np.zeros((batch, elim.T_Ae.shape[0]))
         return Av, Bv, C, w, vals_e, Pv
 
     def _dense_jobs(self, batch):
@@ -885,8 +899,15 @@ class Layer:
 
     def _batch_layout(self, values):
         """Validate shapes; return (batch size or None, batched flags)."""
-        batched, batch, flags = self.shape_layout(
-            *(np.shape(v) for v in values))
+        shapes = tuple(v.shape for v in values)
+        # Calls usually repeat the previous call's shapes.
+        last = self._last_layout
+        if last is not None and last[0] == shapes:
+            batched, batch, flags = last[1]
+        else:
+            batched, batch, flags = self.shape_layout(*shapes)
+            flags = tuple(flags)
+            self._last_layout = (shapes, (batched, batch, flags))
         return (batch if batched else None), flags
 
     def shape_layout(self, *shapes):
@@ -1033,6 +1054,13 @@ class _blas_single_thread:
         for lib, threads in self._restore:
             lib.set_num_threads(threads)
         return False
+
+
+def _is_curved(dims):
+    """Whether the cone has a block that is not a half-line (a second-order
+    or PSD cone of size 2 or more, an exponential or power cone)."""
+    return (any(k >= 2 for k in dims.soc) or any(k >= 2 for k in dims.psd)
+            or dims.exp > 0 or len(dims.power) > 0)
 
 
 def _fits(shape, expected):
