@@ -64,6 +64,8 @@ _LONG_CHECK = 8
 _LONG_GIVE_UP = 1.0
 # SCS's tolerance for a second try at elements that did not refine.
 _RESOLVE_EPS = 1e-7
+# SCS without Anderson acceleration, for a last try.
+_NO_ACCELERATION = {"acceleration_lookback": 0}
 # Memory for one chunk of the stacked dense adjoint.
 _DENSE_CHUNK_BYTES = 64 * 2**20
 # Batches of at least _THREADED_DENSE_BATCH programs with m n at least
@@ -624,6 +626,23 @@ class Layer:
                 redo = self._map(one, todo[again])
                 for k, r in zip(again, redo):
                     results[k] = r
+        if self._A_constant:
+            # A shared workspace carries SCS's adapted scaling from one
+            # element to the next: an element it fails on is solved again
+            # by a workspace of its own, so that whether an element fails
+            # does not depend on which elements a thread solved before.
+            again = [k for k, r in enumerate(results) if r[3] not in (
+                _solve.SOLVED, _solve.SOLVED_INACCURATE)]
+            if again:
+                def fresh(i):
+                    A = _solve.assemble_A(Av[i], cp_.A_indices,
+                                          cp_.A_indptr, (cp_.m, cp_.n))
+                    return _solve.solve_one(A, Bv[i], C[i], cone, options,
+                                            None, self._P_matrix(Pv, i))
+
+                redo = self._map(fresh, todo[again])
+                for k, r in zip(again, redo):
+                    results[k] = r
         X[todo] = np.stack([r[0] for r in results]).reshape(-1, cp_.n)
         Y[todo] = np.stack([r[1] for r in results]).reshape(-1, cp_.m)
         S[todo] = np.stack([r[2] for r in results]).reshape(-1, cp_.m)
@@ -779,6 +798,17 @@ class Layer:
                 for k, r in zip(again, cold):
                     if r[3] == _solve.SOLVED:
                         results[k] = r
+            # SCS's Anderson acceleration occasionally stalls it (a norm
+            # bound of 1e-6: 100,000 iterations with it, 400 without).
+            again = [k for k, r in enumerate(results)
+                     if r[3] != _solve.SOLVED]
+            if again:
+                plain = self._resolve(Av, Bv, C, Pv, X, Y, S, failed[again],
+                                      tight, raw=True, warm=False,
+                                      extra=_NO_ACCELERATION)
+                for k, r in zip(again, plain):
+                    if r[3] == _solve.SOLVED:
+                        results[k] = r
             for i, r in zip(failed, results):
                 X[i], Y[i], S[i] = r[0], r[1], r[2]
             # The last resort: an inaccurate answer here is accepted (with
@@ -830,14 +860,16 @@ class Layer:
         return out
 
     def _resolve(self, Av, Bv, C, Pv, X, Y, S, which, eps, raw=False,
-                 warm=True):
+                 warm=True, extra=None):
         """SCS from (X, Y, S) (from scratch if not ``warm``) at tolerance
         ``eps`` for the elements ``which``: the raw results if ``raw``,
         else stacked (X, Y, S), or None if any of them failed (the tight
-        pass then reports it)."""
+        pass then reports it). ``extra``: settings that replace the
+        user's (unless the user set them)."""
         cp_ = self.compiled
         # The user's settings, but SCS's own tolerances at most eps.
-        options = dict(self.solver_options)
+        options = dict(extra or {})
+        options.update(self.solver_options)
         for key in ("eps_abs", "eps_rel"):
             options[key] = min(options[key], eps)
 

@@ -68,6 +68,7 @@ check the result against J and fall back to the bordered systems.
 import typing
 
 import numpy as np
+from scipy.linalg.lapack import dgesv as _dgesv
 
 from optlayer import cones
 
@@ -743,6 +744,11 @@ def _solve(K, rhs, singular_ok=False):
     """Stacked solve; rows of exactly singular matrices come back as NaN
     (each element solved alone), or, with ``singular_ok``, all rows as NaN
     as soon as one matrix is singular (the caller then regularizes)."""
+    if K.shape[0] == 1:
+        # One system: LAPACK directly (NumPy's stacked solve costs about
+        # 5 microseconds more, a noticeable part of a small call).
+        _, _, d, info = _dgesv(K[0], rhs[0])
+        return d[None] if info == 0 else np.full(rhs.shape, np.nan)
     try:
         return np.linalg.solve(K, rhs[..., None])[..., 0]
     except np.linalg.LinAlgError:

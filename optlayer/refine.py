@@ -161,6 +161,7 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6,
                         Ad_a[sub], Bv[a[sub]], C[a[sub]], Xc[a[sub]],
                         Vc[a[sub]], dims, (F[0][sub], F[1][sub]), shared,
                         None if Pq is None else Pq_a[sub], pairs)
+                    ok = _finite(Xn, Vn)
             else:
                 Xn, Vn = _reduced_step(Ad_a, Bv[a], C[a], Xc[a], Vc[a],
                                        dims, F, shared, Pq_a, pairs)
@@ -172,7 +173,7 @@ def refine(Av, rows, cols, Bv, C, X, Y, S, dims, tol=1e-12, max_steps=6,
                     Xn[sub], Vn[sub] = _full_step(
                         Ad_a[sub], Xc[a[sub]], Vc[a[sub]], dims,
                         (F[0][sub], F[1][sub]), Pq_a[sub])
-            ok = _finite(Xn, Vn)
+                    ok = _finite(Xn, Vn)
         else:
             ok = np.zeros(a.size, dtype=bool)
         if not ok.all() and Pq is None:

@@ -44,9 +44,10 @@ class Layer(torch.nn.Module):
     gradient has its input's dtype and device. Complex values raise a
     ``ValueError`` naming the parameter.
 
-    Limits: double backward is not supported, and neither are ``torch.func``
-    transforms (``torch.func.grad``, ``vmap``, ``jacrev``, ...; they raise
-    ``NotImplementedError``): the solve runs in NumPy. Use ordinary autograd
+    Limits: the solve runs in NumPy, so double backward
+    (``create_graph=True``: gradient penalties, Hessians) raises a
+    ``RuntimeError``, and ``torch.func`` transforms (``torch.func.grad``,
+    ``vmap``, ``jacrev``, ...) raise ``NotImplementedError``. Use ordinary autograd
     (``loss.backward()``, ``torch.autograd.grad``) and the layer's own batch
     dimension instead.
 
@@ -155,8 +156,17 @@ class _SolveFunction(torch.autograd.Function):
         return tuple(_from_float64(o, dtype, device) for o in outputs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs):
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient would be returned as a
+            # constant (the adjoint runs in NumPy), so that a gradient
+            # penalty, a Hessian or any derivative of it came out silently
+            # wrong or zero.
+            raise RuntimeError(
+                "optlayer_torch.Layer is differentiable once: its backward "
+                "pass runs in NumPy and has no derivative of its own, so "
+                "create_graph=True (gradient penalties, Hessians, "
+                "double backward) is not supported through it.")
         # The first three inputs of forward (core, dtype, device) have no
         # gradient.
         needs = list(ctx.needs_input_grad[3:])

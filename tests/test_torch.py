@@ -391,6 +391,33 @@ def test_backward_sees_forward_values():
                                atol=ATOL_CORE)
 
 
+def test_second_derivatives_raise_instead_of_returning_constants():
+    # With create_graph=True the gradient would otherwise come back as a
+    # constant: a gradient penalty or a Hessian silently zero.
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_torch.Layer(problem, params, variables)
+    A, b = _lsq_values(np.random.default_rng(34))
+    A_t = torch.tensor(A)
+    b_t = torch.tensor(b, requires_grad=True)
+
+    def loss(b_):
+        return (layer(A_t, b_)[0] ** 2).sum()
+
+    attempts = [
+        lambda: torch.autograd.grad(loss(b_t), [b_t], create_graph=True),
+        lambda: torch.autograd.functional.hessian(loss, b_t),
+    ]
+    for attempt in attempts:
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            attempt()
+    # First derivatives are unaffected.
+    (g,) = torch.autograd.grad(loss(b_t), [b_t])
+    x = layer.core(A, b)[0]
+    (_, gb_core) = layer.core.vjp([A, b], [2 * x])
+    np.testing.assert_allclose(g.numpy(), gb_core, rtol=RTOL_CORE,
+                               atol=ATOL_CORE)
+
+
 def test_torch_func_transforms_raise_a_clear_error():
     problem, params, variables = _nonneg_lsq()
     layer = optlayer_torch.Layer(problem, params, variables)
