@@ -22,7 +22,7 @@ logger = logging.getLogger("optlayer")
 
 # Attributes of a cvxpy.Parameter that restrict its values.
 _DOMAIN_ATTRIBUTES = ("nonneg", "pos", "nonpos", "neg", "diag", "symmetric",
-                      "PSD", "NSD")
+                      "PSD", "NSD", "bounds", "integer", "boolean")
 # A refined solution is accepted at this relative KKT residual.
 _REFINE_ACCEPT = 1e-9
 # Newton steps from the previous call's solution replace the solver only
@@ -348,7 +348,12 @@ class Layer:
         values = self._as_arrays(values)
         batch, batched, theta = self._prepare(values)
         cp_ = self.compiled
-        X, Y, S = (np.asarray(a, dtype=np.float64) for a in state)
+        X, Y, S = self._check_state(state, batch, "state")
+        if len(cotangents) != len(cp_.outputs):
+            raise ValueError(
+                f"Expected {len(cp_.outputs)} cotangent(s), one per output "
+                f"({', '.join(out.name for out in cp_.outputs)}; None for "
+                f"zero), got {len(cotangents)}.")
         gx = np.zeros((batch, cp_.n))
         gy = np.zeros((batch, cp_.m))
         gw = np.zeros((batch, cp_.elim.size))
@@ -503,9 +508,15 @@ class Layer:
         # compete with them.
         if self.n_jobs <= 1 or len(items) <= 1:
             return [fn(i) for i in items]
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(self.n_jobs)
-        return list(self._pool.map(fn, items))
+        pool = self._pool
+        if pool is None:
+            with _POOL_LOCK:
+                # Two threads calling at once make one pool between them.
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(
+                        self.n_jobs)
+                pool = self._pool
+        return list(pool.map(fn, items))
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -683,19 +694,20 @@ class Layer:
                  "solution)" for i in bad}, batched, X.shape[0])
         return Xr, Yr, Sr
 
-    def _check_state(self, state, batch):
-        """The arrays of a ``state`` for this batch size, or ValueError."""
+    def _check_state(self, state, batch, what="warm_start"):
+        """The arrays of a ``state`` for this batch size, or ValueError
+        (``what``: the argument's name in the message)."""
         names = ("x", "y", "s")
         if not isinstance(state, (list, tuple)) or len(state) != 3:
             raise ValueError(
-                "warm_start must be the state (x, y, s) returned by "
+                f"{what} must be the state (x, y, s) returned by "
                 f"solve(); got {type(state).__name__}.")
         arrays = []
         for name, w, shape in zip(names, state, self.state_shapes(batch)):
             w = np.asarray(w, dtype=np.float64)
             if w.size != int(np.prod(shape)):
                 raise ValueError(
-                    f"warm_start {name} has shape {w.shape}; expected "
+                    f"{what} {name} has shape {w.shape}; expected "
                     f"{shape} for this call's batch size {batch}.")
             arrays.append(w.reshape(shape))
         return arrays
@@ -913,18 +925,29 @@ class Layer:
             )
         arrays = []
         for i, value in enumerate(values):
-            if np.iscomplexobj(value):
+            name = self.compiled.param_names[i]
+            if value is None:
+                raise ValueError(f"Parameter {i} '{name}': the value is "
+                                 "None; pass an array or a number.")
+            if sp.issparse(value):
+                raise ValueError(
+                    f"Parameter {i} '{name}': sparse matrices are not "
+                    "accepted as values; pass value.toarray().")
+            try:
+                complex_ = np.iscomplexobj(value)
+            except (TypeError, ValueError):
+                complex_ = False  # the conversion below reports it
+            if complex_:
                 dtype = getattr(value, "dtype", None)
-                raise complex_value_error(i, self.compiled.param_names[i],
-                                          None if dtype is None
+                raise complex_value_error(i, name, None if dtype is None
                                           else str(dtype))
             try:
                 arr = np.asarray(value, dtype=np.float64)
             except (TypeError, ValueError) as exc:
                 raise ValueError(
-                    f"Parameter {i} '{self.compiled.param_names[i]}': value "
-                    f"of type {type(value).__name__} cannot be converted to "
-                    "a float array."
+                    f"Parameter {i} '{name}': value of type "
+                    f"{type(value).__name__} cannot be converted to a float "
+                    f"array ({exc})."
                 ) from exc
             arrays.append(arr)
         return arrays
@@ -981,7 +1004,7 @@ class Layer:
                     f"Parameter {i} '{names[i]}' has shape {shape}; "
                     f"expected {expected} (unbatched) or (batch, "
                     f"{', '.join(map(str, expected))}) (batched)."
-                    .replace(", )", ")")
+                    .replace(", )", ")").replace("(batch)", "(batch,)")
                 )
         distinct = set(sizes.values()) - {1, None}
         if len(distinct) > 1:
@@ -1056,6 +1079,7 @@ class Layer:
 
 
 _BLAS_LIBRARIES = None
+_POOL_LOCK = threading.Lock()
 
 
 class _blas_single_thread:
@@ -1150,6 +1174,38 @@ def _check_domain(i, name, param, arr, batched):
                     f"entries that are not {word} (e.g. {worst:g})"
                     f"{where(~good.all(axis=1))}."
                 )
+    if attrs.get("integer") or attrs.get("boolean"):
+        kind = "boolean" if attrs.get("boolean") else "integer"
+        good = flat == np.round(flat)
+        if kind == "boolean":
+            good &= (flat == 0) | (flat == 1)
+        if not np.all(good):
+            worst = flat[~good].flat[0]
+            raise ValueError(
+                f"Parameter {i} '{name}' is declared {kind}=True but has "
+                f"entries that are not {'0 or 1' if kind == 'boolean' else 'integers'} "
+                f"(e.g. {worst:g}){where(~good.all(axis=1))}.")
+    bounds = attrs.get("bounds")
+    if bounds is not None:
+        shape = mats.shape[1:]
+        # Values from float32 tensors may round past a bound (0.1f >
+        # 0.1): half a float32 ulp of slack for them.
+        slack = (2.0 ** -24 if np.array_equal(flat.astype(np.float32), flat)
+                 else 0.0)
+        for bound, side, sign in ((bounds[0], "lower", 1.0),
+                                  (bounds[1], "upper", -1.0)):
+            if bound is None:
+                continue
+            limit = np.broadcast_to(np.asarray(bound, dtype=np.float64),
+                                    shape).reshape(-1)
+            good = sign * (flat - limit) >= -slack * np.abs(limit)
+            if not np.all(good):
+                k = np.argwhere(~good)[0]
+                raise ValueError(
+                    f"Parameter {i} '{name}' has entries outside its "
+                    f"declared bounds (e.g. {flat[k[0], k[1]]:g} against "
+                    f"the {side} bound {limit[k[1]]:g})"
+                    f"{where(~good.all(axis=1))}.")
     if attrs.get("diag") and mats.ndim >= 3:
         off = ~np.eye(mats.shape[-1], dtype=bool)
         size = np.abs(mats[:, off]).max(axis=1, initial=0.0)

@@ -1757,3 +1757,24 @@ def test_badly_scaled_element_is_solved():
         (got,) = layer(*values)
         # SCS's last pass stops at 1e-10 relative to data of size 4e6.
         _assert_close(got, want, 1e-6, f"x (quadratic={quadratic})")
+
+
+def test_tiny_norm_bound_solved_whatever_the_thread_solved_before():
+    # min 1'x s.t. ||x|| <= r: x = -r (1, 1) / sqrt(2). At r = 1e-6 SCS
+    # with Anderson acceleration stalls at its iteration limit from
+    # scratch, and a workspace shared across elements (A is constant)
+    # succeeded or failed depending on the elements solved before it.
+    x = cp.Variable(2)
+    r = cp.Parameter(nonneg=True)
+    problem = cp.Problem(cp.Minimize(cp.sum(x)), [cp.norm(x) <= r])
+    values = np.array([1e-6, 1e-6, 1.0, 1e-6])
+    want = -values[:, None] * np.ones(2) / np.sqrt(2)
+    for n_jobs in (1, 2):
+        layer = optlayer.Layer(problem, [r], [x], n_jobs=n_jobs,
+                               warm_start=False)
+        assert layer._A_constant
+        (got,) = layer(values)
+        # Absolute: the answers are of size 1e-6 and 1.
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15)
+        (alone,) = layer(np.array(1e-6))
+        np.testing.assert_allclose(alone, want[0], rtol=1e-9, atol=1e-15)

@@ -15,6 +15,7 @@ import warnings
 import cvxpy as cp
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 import optlayer
 from tests.zoo import get_case, make_inputs
@@ -254,6 +255,48 @@ def test_sign_domains(attribute, bad, word):
     with pytest.raises(ValueError, match=pattern + r".* in batch "
                                          r"element\(s\) 2\."):
         layer(d, batch)
+
+
+def test_bounds_domain():
+    x = cp.Variable(3)
+    p = cp.Parameter(3, name="p", bounds=(np.zeros(3), np.array([1, 2, 3])))
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - p)))
+    layer = optlayer.Layer(problem, [p], [x])
+    (got,) = layer(np.array([0.0, 2.0, 0.5]))  # on and inside the bounds
+    np.testing.assert_allclose(got, [0.0, 2.0, 0.5], atol=1e-9)
+    with pytest.raises(ValueError, match=r"Parameter 0 'p' has entries "
+                                         r"outside its declared bounds "
+                                         r"\(e.g. 2.5 against the upper "
+                                         r"bound 2\)\.$"):
+        layer(np.array([0.0, 2.5, 0.5]))
+    batch = np.full((3, 3), 0.5)
+    batch[1, 0] = -0.1
+    with pytest.raises(ValueError, match=r"-0.1 against the lower bound 0\)"
+                                         r" in batch element\(s\) 1\."):
+        layer(batch)
+    # float32 values of a bound (0.1f is above 0.1) are accepted.
+    q = cp.Parameter(name="q", bounds=(0, 0.1))
+    y = cp.Variable()
+    small = optlayer.Layer(cp.Problem(cp.Minimize((y - q) ** 2)), [q], [y])
+    (got,) = small(np.float32(0.1))
+    np.testing.assert_allclose(got, np.float32(0.1), rtol=1e-9)
+
+
+@pytest.mark.parametrize("attribute, bad, words", [
+    ("integer", 0.5, "integers"),
+    ("boolean", 2.0, "0 or 1"),
+])
+def test_integer_and_boolean_domains(attribute, bad, words):
+    x = cp.Variable(2)
+    k = cp.Parameter(2, name="k", **{attribute: True})
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x) + k @ x))
+    layer = optlayer.Layer(problem, [k], [x])
+    (got,) = layer(np.array([1.0, 0.0]))
+    np.testing.assert_allclose(got, [-0.5, 0.0], atol=1e-9)
+    with pytest.raises(ValueError, match=rf"Parameter 0 'k' is declared "
+                                         rf"{attribute}=True but has entries "
+                                         rf"that are not {words}"):
+        layer(np.array([1.0, bad]))
 
 
 def _matrix_domain_layer(attribute):
@@ -748,3 +791,43 @@ def test_empty_scs_status_reads_unknown_and_hint_fits_the_option():
         solver_error(status, False, 1))
     assert "kept quadratic already" in str(
         solver_error(status, False, 1, quadratic_objective=True))
+
+
+def test_values_that_are_not_arrays_are_named():
+    x = cp.Variable(2)
+    a = cp.Parameter(2, name="a")
+    c = cp.Parameter(name="c")
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a) + c * cp.sum(x)))
+    layer = optlayer.Layer(problem, [a, c], [x])
+    cases = [
+        ((None, 1.0), r"Parameter 0 'a': the value is None"),
+        (([[1.0, 2.0], [3.0]], 1.0),
+         r"Parameter 0 'a': value of type list cannot be converted"),
+        ((sp.csr_matrix(np.ones((1, 2))), 1.0),
+         r"Parameter 0 'a': sparse matrices .* value.toarray\(\)"),
+        ((np.ones(2), np.ones((3, 1))),
+         r"Parameter 1 'c' has shape \(3, 1\); expected \(\) \(unbatched\) "
+         r"or \(batch,\) \(batched\)"),
+    ]
+    for values, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            layer(*values)
+
+
+def test_adjoint_checks_cotangents_and_state():
+    x = cp.Variable(2)
+    a = cp.Parameter(2, name="a")
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0])
+    layer = optlayer.Layer(problem, [a], [x])
+    values = [np.array([1.0, -1.0])]
+    _, state = layer.solve(*values)
+    for cotangents in ([], [np.ones(2), np.ones(2)]):
+        with pytest.raises(ValueError, match=r"Expected 1 cotangent\(s\), "
+                                             r"one per output"):
+            layer.adjoint(values, state, cotangents)
+    # A state of another batch size.
+    batch = [np.array([[1.0, -1.0], [2.0, 0.5]])]
+    with pytest.raises(ValueError, match=r"state x has shape \(1, \d+\); "
+                                         r"expected \(2, \d+\) for this "
+                                         r"call's batch size 2"):
+        layer.adjoint(batch, state, [np.ones((2, 2))])
