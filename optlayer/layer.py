@@ -529,6 +529,22 @@ class Layer:
         self.__dict__.update(state)
         self._local = threading.local()
 
+    def _A_matrix(self, values):
+        """A with these values, for SCS (which copies it): the calling
+        thread's CSC matrix with A's pattern, its values replaced. (SciPy's
+        constructor and SCS's check of the index order on a new matrix
+        cost about 30 microseconds per solve.)"""
+        A = getattr(self._local, "A", None)
+        if A is None:
+            cp_ = self.compiled
+            A = _solve.assemble_A(np.zeros(cp_.A_indices.size),
+                                  cp_.A_indices, cp_.A_indptr,
+                                  (cp_.m, cp_.n))
+            A.has_sorted_indices  # noqa: B018 - computed once, kept
+            self._local.A = A
+        A.data = np.ascontiguousarray(values, dtype=np.float64)
+        return A
+
     def _quad(self, Pv):
         """The quadratic term (a ``reduced.Quadratic``) for refine and
         adjoint, or None without one."""
@@ -616,10 +632,9 @@ class Layer:
                 return workspace.solve(Bv[i], C[i], warm_for(i))
         else:
             def one(i):
-                A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
-                                      (cp_.m, cp_.n))
-                return _solve.solve_one(A, Bv[i], C[i], cone, options,
-                                        warm_for(i), self._P_matrix(Pv, i))
+                return _solve.solve_one(self._A_matrix(Av[i]), Bv[i], C[i],
+                                        cone, options, warm_for(i),
+                                        self._P_matrix(Pv, i))
 
         if todo.size == 0:
             return X, Y, S
@@ -646,10 +661,9 @@ class Layer:
                 _solve.SOLVED, _solve.SOLVED_INACCURATE)]
             if again:
                 def fresh(i):
-                    A = _solve.assemble_A(Av[i], cp_.A_indices,
-                                          cp_.A_indptr, (cp_.m, cp_.n))
-                    return _solve.solve_one(A, Bv[i], C[i], cone, options,
-                                            None, self._P_matrix(Pv, i))
+                    return _solve.solve_one(self._A_matrix(Av[i]), Bv[i],
+                                            C[i], cone, options, None,
+                                            self._P_matrix(Pv, i))
 
                 redo = self._map(fresh, todo[again])
                 for k, r in zip(again, redo):
@@ -702,8 +716,12 @@ class Layer:
             raise ValueError(
                 f"{what} must be the state (x, y, s) returned by "
                 f"solve(); got {type(state).__name__}.")
+        shapes = self.state_shapes(batch)
+        if all(isinstance(w, np.ndarray) and w.dtype == np.float64
+               and w.shape == shape for w, shape in zip(state, shapes)):
+            return list(state)
         arrays = []
-        for name, w, shape in zip(names, state, self.state_shapes(batch)):
+        for name, w, shape in zip(names, state, shapes):
             w = np.asarray(w, dtype=np.float64)
             if w.size != int(np.prod(shape)):
                 raise ValueError(
@@ -886,11 +904,10 @@ class Layer:
             options[key] = min(options[key], eps)
 
         def one(i):
-            A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
-                                  (cp_.m, cp_.n))
             start = (X[i], Y[i], S[i]) if warm else None
-            return _solve.solve_one(A, Bv[i], C[i], self._cone, options,
-                                    start, self._P_matrix(Pv, i))
+            return _solve.solve_one(self._A_matrix(Av[i]), Bv[i], C[i],
+                                    self._cone, options, start,
+                                    self._P_matrix(Pv, i))
 
         results = self._map(one, which)
         if raw:
@@ -1069,8 +1086,9 @@ class Layer:
                 continue
             g = dtheta[:, offset:offset + size]
             if arr.shape == shape:
-                grads.append(_unvec_f(g.sum(axis=0, keepdims=True), shape,
-                                      1, False))
+                if g.shape[0] != 1:
+                    g = g.sum(axis=0, keepdims=True)
+                grads.append(_unvec_f(g, shape, 1, False))
             else:
                 if arr.shape[0] != batch:
                     g = g.sum(axis=0, keepdims=True)
@@ -1136,6 +1154,10 @@ def _vec_f(arr, batched):
 
 def _unvec_f(flat, shape, batch, batched):
     """Inverse of _vec_f: (batch, size) -> (batch,) + shape or shape."""
+    if len(shape) <= 1:
+        # Column-major and row-major orders agree.
+        out = np.ascontiguousarray(flat).reshape((batch,) + tuple(shape))
+        return out if batched else out[0]
     rev = tuple(reversed(shape))
     out = flat.reshape((batch,) + rev)
     out = out.transpose((0,) + tuple(range(len(shape), 0, -1)))
