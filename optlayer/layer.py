@@ -122,9 +122,11 @@ class Layer:
             residual map (``optlayer.refine``) to a relative KKT residual of
             about 1e-12, for programs small enough for dense linear
             algebra (n + m + 1 <= 400). SCS then only needs to reach 1e-4
-            (the default eps_abs/eps_rel in this mode); an element that does
-            not refine is solved again by SCS from there at 1e-7 and
-            refined, and if that fails too, solved at 1e-10.
+            (the default eps_abs/eps_rel in this mode; its first pass goes
+            to 1e-6 on cones with curved blocks); an element that does
+            not refine takes more Newton steps, then is solved again by
+            SCS from there at 1e-7 and refined, and if that fails too,
+            solved at 1e-10.
         quadratic_objective: keep a quadratic objective (sum_squares,
             quad_form, ...) as the quadratic term of the cone program
             (SCS's P; default True). With False, CVXPY's cone form is
