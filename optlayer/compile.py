@@ -482,6 +482,16 @@ def compile_problem(problem, parameters, variables, presolve=True,
             )
         except cp.error.ParameterError as exc:
             raise not_dpp from exc
+        except cp.error.SolverError as exc:
+            hint = ""
+            if not problem.constraints and problem.objective.expr.is_affine():
+                hint = (" The objective is affine and there are no "
+                        "constraints: the problem is unbounded (or its "
+                        "objective constant); add the constraints that "
+                        "bound it.")
+            raise ValueError(
+                f"CVXPY cannot compile this problem for the cone solver "
+                f"SCS ({exc}).{hint}") from exc
     if any("not DPP" in str(w.message) for w in caught):
         raise not_dpp
     for w in caught:       # anything else CVXPY had to say

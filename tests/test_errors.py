@@ -130,6 +130,16 @@ def test_problem_without_parameters():
         optlayer.Layer(problem, [], [x])
 
 
+def test_linear_objective_without_constraints():
+    # CVXPY does not compile it for a cone solver; the error says why.
+    x = cp.Variable(2)
+    a = cp.Parameter(2, name="a")
+    with pytest.raises(ValueError, match=r"cannot compile this problem for "
+                                         r"the cone solver SCS .* affine and "
+                                         r"there are no constraints"):
+        optlayer.Layer(cp.Problem(cp.Minimize(a @ x)), [a], [x])
+
+
 # -- call: count, shape, batch size ----------------------------------------
 
 
