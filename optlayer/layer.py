@@ -226,8 +226,7 @@ class Layer:
         # Transposes for the backward pass, made once (SciPy would make
         # them on every product of a dense array with a sparse matrix).
         self._T_t = tuple(_transposed(M) for M in (
-            cp_.T_A, cp_.T_b, cp_.T_c, elim.T_Ae, elim.W_map,
-            self._to_rows, self._to_cols, cp_.T_P))
+            elim.T_Ae, elim.W_map, self._to_rows, self._to_cols))
         # The maps theta -> (A values, b, c, P values) stacked, one product
         # each way (the backward's transposed), and where each part starts.
         stacked = sp.vstack([cp_.T_A, cp_.T_b, cp_.T_c, cp_.T_P],
@@ -412,8 +411,7 @@ class Layer:
             results = self._map(one, range(batch))
             dA, db, dc, dP = (np.stack([r[k] for r in results])
                               for k in range(4))
-        T_A_t, T_b_t, T_c_t, T_Ae_t, W_map_t, rows_t, cols_t, T_P_t = \
-            self._T_t
+        T_Ae_t, W_map_t, rows_t, cols_t = self._T_t
         dtheta = _times(np.concatenate([dA, db, dc, dP], axis=1),
                         self._T_data_t)
         if cp_.elim.size:
