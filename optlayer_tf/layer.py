@@ -28,6 +28,9 @@ _CORE_OPTIONS = tuple(
 )
 
 
+# Registered so that keras.models.load_model finds the class and reports
+# from_config's explanation, not an unknown class.
+@keras.saving.register_keras_serializable(package="optlayer")
 class Layer(keras.layers.Layer):
     """A parametrized convex problem as a Keras layer.
 

@@ -535,6 +535,17 @@ def test_keras_config_describes_the_layer():
         optlayer_tf.Layer.from_config(config)
 
 
+def test_loading_a_saved_model_explains_why_it_cannot(tmp_path):
+    # Keras saves the config; loading finds the class (it is registered)
+    # and reports why the layer cannot be rebuilt, not an unknown class.
+    model, _, _ = _sparsemax_model()
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    with pytest.raises(NotImplementedError, match=r"not serializable.*"
+                                                  r"load_weights"):
+        keras.models.load_model(path)
+
+
 def test_core_and_keras_options_are_routed():
     problem, params, variables = _nonneg_lsq()
     layer = optlayer_tf.Layer(problem, params, variables,
