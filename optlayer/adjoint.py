@@ -299,7 +299,7 @@ def stack_q_plus_i(Av, rows, cols, Bv, C, n, m):
 
 
 def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
-                  full=True, P=None):
+                  full=True, P=None, flags=None):
     """The adjoint for a chunk of the batch, with stacked dense arrays.
 
     Solves the reduced system of ``optlayer.reduced`` (about n + number of
@@ -319,6 +319,9 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
         dims: the cone.
         P: the objective's quadratic term (a ``reduced.Quadratic``), or
             None.
+        flags: optional boolean array (B,), set for the elements whose
+            system was singular (solved regularized, or by the bordered
+            fallback): their solution r is not unique.
 
     Returns:
         (dA (B, nnz), db (B, m), dc (B, n), dP (B, nnz_P); nnz_P = 0
@@ -332,7 +335,7 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
     if n and ((full and m and _reduced.use_full(B, n, m))
               or (Pq is not None and m == 0)):
         return _adjoint_full(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS,
-                             dims, Ad, P, Pq)
+                             dims, Ad, P, Pq, flags)
     # Known limit: points without strict complementarity are only partly
     # detected (Layer warns for y = s = 0 on a nonnegative entry or a
     # second-order cone); their gradient can depend on which optimal dual
@@ -345,7 +348,7 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
         shared = _reduced.is_shared(Av)
         r1, r2 = _reduced.System(Ad, st, shared, Pq,
                                  None if P is None else P.pairs).adjoint(
-                                     GX, g2)
+                                     GX, g2, flags)
         t1, t2 = _reduced.apply_JT(Ad, st, r1, r2, shared, Pq)
         res = np.sqrt(((t1 - GX) ** 2).sum(1) + ((t2 - g2) ** 2).sum(1))
         scale = np.sqrt((GX ** 2).sum(1) + (g2 ** 2).sum(1))
@@ -355,6 +358,8 @@ def adjoint_dense(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
     out = _gradients(rows, cols, X, Y, r1, r2, P)
     if np.any(bad):
         sub = np.flatnonzero(bad)
+        if flags is not None:
+            flags[sub] = True
         fallback = adjoint_bordered(
             Av[sub], rows, cols, Bv[sub], C[sub], X[sub], Y[sub], S[sub],
             GX[sub], GY[sub], GS[sub], dims, P=_take(P, sub))
@@ -382,7 +387,7 @@ def _gradients(rows, cols, X, Y, r1, r2, P):
 
 
 def _adjoint_full(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims, Ad,
-                  P=None, Pq=None):
+                  P=None, Pq=None, flags=None):
     """:func:`adjoint_dense` by the full Jacobian: J' r = (gx, g2), with
     J' = [[Pq, -A'], [P A, I - P]] and g2 = P (gy + gs) - gs (P the cone
     projection's derivative, Pq the objective's quadratic term)."""
@@ -391,7 +396,8 @@ def _adjoint_full(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims, Ad,
     D = cones.dproject_batch_dense(Y - S, dims, dual=True)
     J = _reduced.full_jacobian(Ad, D, Pq)
     g = np.concatenate([GX, _reduced.bmv(D, GY + GS) - GS], axis=1)
-    r = _reduced.solve_checked(np.swapaxes(J, 1, 2), g, RESIDUAL_TOL)
+    r = _reduced.solve_checked(np.swapaxes(J, 1, 2), g, RESIDUAL_TOL,
+                               flags)
     bad = np.flatnonzero(~np.isfinite(r).all(axis=1))
     out = _gradients(rows, cols, X, Y, r[:, :n], r[:, n:], P)
     if bad.size:
@@ -399,6 +405,8 @@ def _adjoint_full(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims, Ad,
         # (without constraints, singular P: the minimum-norm solution).
         args = (Av[bad], rows, cols, Bv[bad], C[bad], X[bad], Y[bad],
                 S[bad], GX[bad], GY[bad], GS[bad], dims)
+        if flags is not None:
+            flags[bad] = True
         if m == 0:
             fallback = adjoint_bordered(*args, P=_take(P, bad))
         else:
@@ -409,9 +417,11 @@ def _adjoint_full(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims, Ad,
 
 
 def adjoint_bordered(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
-                     P=None):
+                     P=None, flags=None):
     """The adjoint from the bordered residual-map system, stacked dense;
-    arguments and result as for :func:`adjoint_dense`.
+    arguments and result as for :func:`adjoint_dense` (``flags`` is
+    accepted and left as it is: this solve does not tell singular systems
+    apart).
 
     The homogeneous residual map has no quadratic term: with one, the
     minimum-norm least-squares solution of the full J' r = g is taken

@@ -64,6 +64,9 @@ _LONG_CHECK = 8
 _LONG_GIVE_UP = 1.0
 # SCS's tolerance for a second try at elements that did not refine.
 _RESOLVE_EPS = 1e-7
+# Singular values of J below this, relative to the largest, span its null
+# space (for the check that a gradient is unique).
+_NULL_TOL = 1e-10
 # SCS without Anderson acceleration, for a last try.
 _NO_ACCELERATION = {"acceleration_lookback": 0}
 # Memory for one chunk of the stacked dense adjoint.
@@ -390,15 +393,22 @@ class Layer:
             step = min(step, -(-batch // self._dense_jobs(batch)))
             rows, cols = cp_.A_indices, self._A_cols
 
+            singular = np.zeros(batch, dtype=bool)
+
             def chunk(lo):
                 sl = slice(lo, lo + step)
                 return _adjoint.adjoint_dense(
                     Av[sl], rows, cols, Bv[sl], C[sl], X[sl], Y[sl], S[sl],
-                    gx[sl], gy[sl], gs[sl], cp_.dims, P=self._quad(Pv[sl]))
+                    gx[sl], gy[sl], gs[sl], cp_.dims, P=self._quad(Pv[sl]),
+                    flags=singular[sl])
 
             results = self._map(chunk, range(0, batch, step))
             dA, db, dc, dP = (np.concatenate([r[k] for r in results])
                               for k in range(4))
+            if singular.any():
+                self._warn_not_unique(
+                    np.flatnonzero(singular), Av, Pv, X, Y, S, w, vals_e,
+                    batched)
         else:
             def one(i):
                 A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
@@ -411,18 +421,70 @@ class Layer:
             results = self._map(one, range(batch))
             dA, db, dc, dP = (np.stack([r[k] for r in results])
                               for k in range(4))
+        dtheta = self._theta_gradient(dA, db, dc, dP, w, vals_e, gw)
+        self._warn_degenerate(Y, S, batched)
+        return self._split_gradient(dtheta, values, batch, needs_grad)
+
+    def _theta_gradient(self, dA, db, dc, dP, w, vals_e, gw):
+        """The gradient in theta from those in the cone data (and ``gw``,
+        the cotangents of eliminated variables)."""
         T_Ae_t, W_map_t, rows_t, cols_t = self._T_t
         dtheta = _times(np.concatenate([dA, db, dc, dP], axis=1),
                         self._T_data_t)
-        if cp_.elim.size:
+        if self.compiled.elim.size:
             # Chain rule through b = T_b theta - A_e(theta) w(theta).
             dbe = _times(db, rows_t)               # db at each A_e value
             d_vals = -dbe * (self._to_cols @ w.T).T
             gw = gw - _times(dbe * vals_e, cols_t)
             dtheta = dtheta + _times(d_vals, T_Ae_t) + _times(gw, W_map_t)
-        dtheta = np.asarray(dtheta)
-        self._warn_degenerate(Y, S, batched)
-        return self._split_gradient(dtheta, values, batch, needs_grad)
+        return np.asarray(dtheta)
+
+    def _warn_not_unique(self, which, Av, Pv, X, Y, S, w, vals_e, batched):
+        """Warn where the gradient is not unique: at elements whose
+        Jacobian J of the residual map was singular, J' r = g has the
+        solutions r + null(J'), and the gradient moves with them unless
+        the parameters' derivative of the data is orthogonal to null(J')
+        (a non-unique auxiliary variable, say the epigraph variable of an
+        inactive norm bound, is harmless). Checked with J's singular
+        vectors, element by element (singular elements are rare)."""
+        cp_ = self.compiled
+        n, m = cp_.n, cp_.m
+        rows, cols = cp_.A_indices, self._A_cols
+        bad = []
+        for i in which:
+            sl = slice(i, i + 1)
+            Ad = _reduced.dense_A(Av[sl], rows, cols, m, n)
+            D = cones.dproject_batch_dense(Y[sl] - S[sl], cp_.dims,
+                                           dual=True)
+            P = self._quad(Pv[sl])
+            J = _reduced.full_jacobian(Ad, D, _reduced.dense_P(P, n))[0]
+            U, sigma, _ = np.linalg.svd(J)
+            Z = U[:, sigma <= _NULL_TOL * max(sigma[0], 1.0)].T
+            if Z.shape[0] == 0:
+                continue
+            k = Z.shape[0]
+            dA, db, dc, dP = _adjoint._gradients(
+                rows, cols, np.repeat(X[sl], k, 0), np.repeat(Y[sl], k, 0),
+                Z[:, :n], Z[:, n:], None if P is None else P.take(
+                    np.zeros(k, dtype=int)))
+            moves = self._theta_gradient(
+                dA, db, dc, dP, np.repeat(w[sl], k, 0),
+                np.repeat(vals_e[sl], k, 0), np.zeros((k, cp_.elim.size)))
+            scale = 1.0 + max(np.abs(X[i]).max(initial=0.0),
+                              np.abs(Y[i]).max(initial=0.0))
+            if np.abs(moves).max(initial=0.0) > _NULL_TOL ** 0.5 * scale:
+                bad.append(int(i))
+        if not bad:
+            return
+        where = (f"batch element(s) {bad[:20]}" if batched
+                 else "the problem")
+        warnings.warn(
+            f"The gradient of {where} is not unique: the optimality "
+            "conditions are singular there in a direction the parameters "
+            "move (e.g. a constraint that leaves a single point, such as "
+            "norm(x) <= r at r = 0). The solution map has no derivative "
+            "there; the gradient returned is one of many.",
+            RuntimeWarning, stacklevel=4)
 
     def _warn_degenerate(self, Y, S, batched):
         """Warn where the solution is degenerate (see

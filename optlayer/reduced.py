@@ -666,8 +666,10 @@ class System:
                 np.where(grp.general[..., None], general, qb))
         return dx, dv
 
-    def adjoint(self, g1, g2):
-        """Solve J' (r1, r2) = (g1, g2); returns (r1, r2), NaN if singular.
+    def adjoint(self, g1, g2, flags=None):
+        """Solve J' (r1, r2) = (g1, g2); returns (r1, r2), NaN if singular
+        (``flags``: optional boolean array (B,), set where the reduced
+        system was regularized).
 
         J' = [[0, -A'], [P A, I - P]]. With q = R' r2 and h = R' g2:
         -A~' q = g1 and lam (A~ r1) + (1 - lam) q = h. Soft q are
@@ -710,7 +712,8 @@ class System:
             rhs1, r1j = pairs.reduce_rhs(rhs1, h)
         sol = _solve_regularized(
             np.swapaxes(self.K, 1, 2),
-            np.concatenate([rhs1[:, self.nk_keep], rhs2], axis=1), self.nk)
+            np.concatenate([rhs1[:, self.nk_keep], rhs2], axis=1), self.nk,
+            flags)
         r1, p = self._expand(sol[:, :self.nk]), sol[:, self.nk:]
         P = -self._scatter(p, self.hard.shape[1])       # q on hard ones
         pair_t = None
@@ -769,7 +772,7 @@ _SOLVE_TOL = 1e-9
 _REG = 1e-10
 
 
-def _solve_regularized(K, rhs, n=None):
+def _solve_regularized(K, rhs, n=None, flags=None):
     """Stacked solve that also gives a step where K is singular.
 
     Where K is (numerically) singular, e.g. a variable that only an
@@ -789,11 +792,15 @@ def _solve_regularized(K, rhs, n=None):
     Schur complement delta I + A'P((1 + delta) I - P)^{-1} A (positive
     definite, as P is symmetric with eigenvalues in [0, 1]), J + delta I
     is nonsingular.
+
+    ``flags``: optional boolean array (B,), set where K was regularized.
     """
     sol = _solve(K, rhs, singular_ok=True)
     scale = 1.0 + np.abs(rhs).max(axis=1)
     res = np.abs(bmv(K, np.nan_to_num(sol)) - rhs).max(axis=1)
     bad = ~(res <= _SOLVE_TOL * scale) | ~np.isfinite(sol).all(axis=1)
+    if flags is not None:
+        flags |= bad
     if np.any(bad):
         Kb = K[bad]
         Kr = Kb.copy()
@@ -855,16 +862,19 @@ def full_jacobian(Ad, P, Pq=None):
     return J
 
 
-def solve_checked(M, rhs, tol):
+def solve_checked(M, rhs, tol, flags=None):
     """Stacked solve of M d = rhs for full Jacobians M (or their
     transposes), regularized where M is singular; rows whose relative
     residual is still above ``tol`` (inconsistent systems) come back as
-    NaN."""
+    NaN. ``flags``: optional boolean array (B,), set where M was
+    regularized."""
     d = _solve(M, rhs, singular_ok=True)
     scale = tol * np.sqrt(np.einsum("bi,bi->b", rhs, rhs))
     r = bmv(M, d) - rhs
     bad = ~(np.sqrt(np.einsum("bi,bi->b", r, r)) <= scale)
-    if np.any(bad):
+    if flags is not None:
+        flags |= bad
+    if bad.any():
         Mb, rb = M[bad], rhs[bad]
         db = _solve_regularized(Mb, rb)
         r = bmv(Mb, np.nan_to_num(db)) - rb

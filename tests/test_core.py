@@ -907,7 +907,7 @@ def test_full_jacobian_falls_back_to_reduced_systems(monkeypatch):
     built = _count_structures(monkeypatch)
     failed = []
 
-    def no_answer(M, rhs, tol):
+    def no_answer(M, rhs, tol, flags=None):
         failed.append(1)
         return np.full(rhs.shape, np.nan)
 
@@ -1054,6 +1054,38 @@ def test_refinement_handles_non_unique_auxiliary_variables(
         _assert_close(got[k], x.value, 1e-9, f"element {k}")
 
 
+@pytest.mark.parametrize("batch", [None, 20])
+def test_gradient_at_a_norm_bound_of_zero_warns_that_it_is_not_unique(
+        batch):
+    # ||x|| <= r at r = 0 leaves the single point x = 0: the optimality
+    # conditions are singular in the direction r moves, and the gradient
+    # in r (0 here) is not the one-sided derivative (about 1.4 for r > 0).
+    rng = _rng("norm_bound_zero")
+    x = cp.Variable(4)
+    a = cp.Parameter(4)
+    r = cp.Parameter(nonneg=True)
+    problem = cp.Problem(cp.Minimize(a @ x + cp.norm(x - 1, 2)),
+                         [cp.norm(x, 2) <= r])
+    layer = optlayer.Layer(problem, [a, r], [x])
+    av = 3 * rng.normal(size=4)
+    if batch is None:
+        values, cot = [av, np.array(0.0)], [np.ones(4)]
+        match = r"The gradient of the problem is not unique"
+    else:
+        # Every other element at r = 0 (the reduced systems' path).
+        values = [np.tile(av, (batch, 1)),
+                  np.where(np.arange(batch) % 2 == 0, 0.0, 1.0)]
+        cot = [np.ones((batch, 4))]
+        match = (r"The gradient of batch element\(s\) "
+                 rf"\[{', '.join(map(str, range(0, batch, 2)))}\] is not "
+                 r"unique")
+    with pytest.warns(RuntimeWarning, match=match):
+        layer.vjp(values, cot)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        layer.vjp([av, np.array(1e-6)], [np.ones(4)])
+
+
 def test_adjoint_handles_non_unique_auxiliary_variables(
         linear_system, monkeypatch):
     # The same singular optimality conditions in the backward pass: J' r = g
@@ -1082,7 +1114,10 @@ def test_adjoint_handles_non_unique_auxiliary_variables(
         return bordered(*args)
 
     monkeypatch.setattr(optlayer.adjoint, "adjoint_bordered", spy)
-    got = layer.adjoint(values, state, cotangents)
+    with warnings.catch_warnings():
+        # The gradient is unique: no "not unique" warning.
+        warnings.simplefilter("error", RuntimeWarning)
+        got = layer.adjoint(values, state, cotangents)
     assert calls == [], "the regularized system was not used"
     monkeypatch.setattr(optlayer.adjoint, "adjoint_dense", bordered)
     want = layer.adjoint(values, state, cotangents)
