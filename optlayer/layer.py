@@ -64,9 +64,12 @@ _LONG_CHECK = 8
 _LONG_GIVE_UP = 1.0
 # SCS's tolerance for a second try at elements that did not refine.
 _RESOLVE_EPS = 1e-7
-# Singular values of J below this, relative to the largest, span its null
-# space (for the check that a gradient is unique).
-_NULL_TOL = 1e-10
+# The check that a gradient is unique: inverse iteration with J' + delta I,
+# delta = _NULL_SHIFT (1 + max |J|), gives a vector z of J''s null space
+# where J' z is at most _NULL_TOL (1 + max |J|); the gradient is not unique
+# if it moves by more than _NULL_TOL (1 + max(|x|, |y|)) along z.
+_NULL_SHIFT = 1e-10
+_NULL_TOL = 1e-6
 # SCS without Anderson acceleration, for a last try.
 _NO_ACCELERATION = {"acceleration_lookback": 0}
 # Memory for one chunk of the stacked dense adjoint.
@@ -405,7 +408,10 @@ class Layer:
             results = self._map(chunk, range(0, batch, step))
             dA, db, dc, dP = (np.concatenate([r[k] for r in results])
                               for k in range(4))
-            if singular.any():
+            # Known limit: the check costs a dense solve of size n + m
+            # per singular element, cheap next to the adjoint only for
+            # small programs; larger ones are not checked.
+            if singular.any() and cp_.n + cp_.m <= _reduced.FULL_SIZE:
                 self._warn_not_unique(
                     np.flatnonzero(singular), Av, Pv, X, Y, S, w, vals_e,
                     batched)
@@ -445,35 +451,49 @@ class Layer:
         solutions r + null(J'), and the gradient moves with them unless
         the parameters' derivative of the data is orthogonal to null(J')
         (a non-unique auxiliary variable, say the epigraph variable of an
-        inactive norm bound, is harmless). Checked with J's singular
-        vectors, element by element (singular elements are rare)."""
+        inactive norm bound, is harmless). A vector of null(J') comes from
+        inverse iteration with J' + delta I (stacked solves; from a random
+        start it has a component along every null direction)."""
         cp_ = self.compiled
         n, m = cp_.n, cp_.m
+        N = n + m
         rows, cols = cp_.A_indices, self._A_cols
+        step = max(1, int(_DENSE_CHUNK_BYTES // (8 * 3 * N * N)))
+        rng = np.random.default_rng(0)
+        diag = np.arange(N)
         bad = []
-        for i in which:
-            sl = slice(i, i + 1)
-            Ad = _reduced.dense_A(Av[sl], rows, cols, m, n)
-            D = cones.dproject_batch_dense(Y[sl] - S[sl], cp_.dims,
+        for lo in range(0, which.size, step):
+            idx = which[lo:lo + step]
+            k = idx.size
+            Ad = _reduced.dense_A(Av[idx], rows, cols, m, n)
+            D = cones.dproject_batch_dense(Y[idx] - S[idx], cp_.dims,
                                            dual=True)
-            P = self._quad(Pv[sl])
-            J = _reduced.full_jacobian(Ad, D, _reduced.dense_P(P, n))[0]
-            U, sigma, _ = np.linalg.svd(J)
-            Z = U[:, sigma <= _NULL_TOL * max(sigma[0], 1.0)].T
-            if Z.shape[0] == 0:
-                continue
-            k = Z.shape[0]
+            P = self._quad(Pv[idx])
+            Jt = np.swapaxes(_reduced.full_jacobian(
+                Ad, D, _reduced.dense_P(P, n)), 1, 2)
+            size = 1.0 + np.abs(Jt).max(axis=(1, 2))
+            M = Jt.copy()
+            M[:, diag, diag] += (_NULL_SHIFT * size)[:, None]
+            z = rng.standard_normal((k, N))
+            try:
+                # Two steps: the rest of z shrinks by (delta / sigma)^2,
+                # sigma J's smallest nonzero singular value.
+                for _ in range(2):
+                    z = np.linalg.solve(M, z[..., None])[..., 0]
+                    z /= np.linalg.norm(z, axis=1, keepdims=True)
+            except np.linalg.LinAlgError:  # pragma: no cover - J + dI is
+                continue                   # nonsingular; nothing to tell
+            in_null = (np.abs(_reduced.bmv(Jt, z)).max(axis=1)
+                       <= _NULL_TOL * size)
             dA, db, dc, dP = _adjoint._gradients(
-                rows, cols, np.repeat(X[sl], k, 0), np.repeat(Y[sl], k, 0),
-                Z[:, :n], Z[:, n:], None if P is None else P.take(
-                    np.zeros(k, dtype=int)))
-            moves = self._theta_gradient(
-                dA, db, dc, dP, np.repeat(w[sl], k, 0),
-                np.repeat(vals_e[sl], k, 0), np.zeros((k, cp_.elim.size)))
-            scale = 1.0 + max(np.abs(X[i]).max(initial=0.0),
-                              np.abs(Y[i]).max(initial=0.0))
-            if np.abs(moves).max(initial=0.0) > _NULL_TOL ** 0.5 * scale:
-                bad.append(int(i))
+                rows, cols, X[idx], Y[idx], z[:, :n], z[:, n:], P)
+            moves = self._theta_gradient(dA, db, dc, dP, w[idx],
+                                         vals_e[idx],
+                                         np.zeros((k, cp_.elim.size)))
+            scale = 1.0 + np.maximum(np.abs(X[idx]).max(axis=1, initial=0.0),
+                                     np.abs(Y[idx]).max(axis=1, initial=0.0))
+            moved = np.abs(moves).max(axis=1, initial=0.0) > _NULL_TOL * scale
+            bad.extend(int(i) for i in idx[in_null & moved])
         if not bad:
             return
         where = (f"batch element(s) {bad[:20]}" if batched
