@@ -1813,3 +1813,40 @@ def test_tiny_norm_bound_solved_whatever_the_thread_solved_before():
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15)
         (alone,) = layer(np.array(1e-6))
         np.testing.assert_allclose(alone, want[0], rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("quadratic", [True, False])
+def test_gradient_exact_where_the_system_is_singular_and_ill_conditioned(
+        quadratic):
+    # An inactive constraint's auxiliary variables make J singular (solved
+    # regularized), and a small equality row (e = (0.018, 3e-4)) makes it
+    # ill-conditioned as well (singular value 1.7e-6 against a shift of
+    # 2e-8): one round of refinement after the regularized solve left the
+    # gradient 2.5e-4 off, with no warning. Closed form: x = alpha v with
+    # v = (-e2, e1) spanning e's null space, alpha = -v'c / (2 v'Qv).
+    Q = np.array([[115.0, 14.0], [14.0, 8.0]])
+    c = np.array([4.0, 1.0])
+    x = cp.Variable(2)
+    e = cp.Parameter((1, 2))
+    problem = cp.Problem(cp.Minimize(cp.quad_form(x, Q) + c @ x),
+                         [e @ x == 0, cp.sum(cp.inv_pos(x + 11)) <= 5])
+
+    def closed_form(ev):
+        v = np.array([-ev[0, 1], ev[0, 0]])
+        return -(v @ c) / (2 * v @ Q @ v) * v
+
+    ev = np.array([[0.018, 0.0003]])
+    cot = np.array([1.0, 0.0])
+    layer = optlayer.Layer(problem, [e], [x],
+                           quadratic_objective=quadratic)
+    (got,) = layer(ev)
+    _assert_close(got, closed_form(ev), 1e-8, "x")
+    (g,) = layer.vjp([ev], [cot])
+    # The closed form's central difference (step 1e-7 on entries of size
+    # 1e-2 and 3e-4: truncation and rounding both near 1e-9 relative).
+    want = np.zeros((1, 2))
+    for j in range(2):
+        d = np.zeros((1, 2))
+        d[0, j] = 1e-7
+        want[0, j] = (closed_form(ev + d) - closed_form(ev - d)) @ cot / 2e-7
+    _assert_close(g, want, 1e-7, "gradient in e")
