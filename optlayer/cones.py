@@ -1102,6 +1102,37 @@ def degenerate_elements(Y, S, dims, tol=1e-9):
     return bad
 
 
+def flip_degenerate(Y, S, dims, tol=1e-9):
+    """(Y, S) with each degenerate part (see :func:`degenerate_elements`,
+    same ``tol``) moved to its other side, for the other one-sided
+    derivative: a nonnegative entry with y = s = 0 to the other side of 0
+    in v = y - s, a second-order cone with both at its apex from inside
+    its dual (v = +e e0) to the polar (v = -e e0) or back; e is tol times
+    1 + the element's largest |y| or |s|. Other entries are kept (y and s
+    are recomputed from v by Moreau's decomposition)."""
+    B = Y.shape[0]
+    both = np.maximum(np.abs(Y), np.abs(S))
+    scale = (tol * (1.0 + both.max(axis=1, initial=0.0)))[:, None]
+    V = Y - S
+    z, l = dims.zero, dims.nonneg
+    if l:
+        Vn = V[:, z:z + l]
+        zero = both[:, z:z + l] <= scale
+        V[:, z:z + l] = np.where(zero, np.where(Vn > 0, -scale, scale), Vn)
+    for k, i, count in _soc_runs(dims):
+        if k < 2:
+            continue
+        j = i + k * count
+        Vb = V[:, i:j].reshape(B, count, k)
+        apex = both[:, i:j].reshape(B, count, k).max(axis=2) <= scale
+        r = np.sqrt(np.einsum("bck,bck->bc", Vb[..., 1:], Vb[..., 1:]))
+        flipped = np.zeros_like(Vb)
+        flipped[..., 0] = np.where(r <= Vb[..., 0], -1.0, 1.0) * scale
+        V[:, i:j] = np.where(apex[..., None], flipped, Vb).reshape(B, -1)
+    Y2 = project_batch(V, dims, dual=True)
+    return Y2, Y2 - V
+
+
 @functools.lru_cache(maxsize=32)
 def _soc_run_index(i, k, count):
     """Row and column index arrays of a run's (count, k, k) blocks."""

@@ -70,6 +70,11 @@ _RESOLVE_EPS = 1e-7
 # if it moves by more than _NULL_TOL (1 + max(|x|, |y|)) along z.
 _NULL_SHIFT = 1e-10
 _NULL_TOL = 1e-6
+# A degenerate element warns where its two one-sided gradients differ by
+# more than this, relative to 1 + the largest gradient entry (both are
+# exact solutions of nonsingular systems; they agree to about 1e-10 where
+# the degeneracy does not matter).
+_ONE_SIDED_TOL = 1e-6
 # SCS without Anderson acceleration, for a last try.
 _NO_ACCELERATION = {"acceleration_lookback": 0}
 # Memory for one chunk of the stacked dense adjoint.
@@ -428,8 +433,34 @@ class Layer:
             dA, db, dc, dP = (np.stack([r[k] for r in results])
                               for k in range(4))
         dtheta = self._theta_gradient(dA, db, dc, dP, w, vals_e, gw)
-        self._warn_degenerate(Y, S, batched)
+        degenerate = np.flatnonzero(cones.degenerate_elements(Y, S, cp_.dims))
+        if degenerate.size and N <= _adjoint.DENSE_LIMIT:
+            degenerate = self._one_sided_differ(
+                degenerate, Av, Bv, C, Pv, X, Y, S, gx, gy, gs, w, vals_e,
+                gw, dtheta)
+        self._warn_degenerate(degenerate, batched)
         return self._split_gradient(dtheta, values, batch, needs_grad)
+
+    def _one_sided_differ(self, which, Av, Bv, C, Pv, X, Y, S, gx, gy, gs,
+                          w, vals_e, gw, dtheta):
+        """The elements of ``which`` (degenerate solutions) whose gradient
+        changes when every degenerate part takes its other one-sided
+        derivative (``cones.flip_degenerate``). Where it does not, the
+        degeneracy does not reach the requested gradient (e.g. the
+        non-unique epigraph variables of an inactive norm1 bound, one of
+        whose constraints sits at 0 with a zero multiplier)."""
+        cp_ = self.compiled
+        Y2, S2 = cones.flip_degenerate(Y[which], S[which], cp_.dims)
+        dA, db, dc, dP = _adjoint.adjoint_dense(
+            Av[which], cp_.A_indices, self._A_cols, Bv[which], C[which],
+            X[which], Y2, S2, gx[which], gy[which], gs[which], cp_.dims,
+            P=self._quad(Pv[which]))
+        other = self._theta_gradient(dA, db, dc, dP, w[which],
+                                     vals_e[which], gw[which])
+        here = dtheta[which]
+        size = 1.0 + np.abs(here).max(axis=1, initial=0.0)
+        return which[np.abs(other - here).max(axis=1, initial=0.0)
+                     > _ONE_SIDED_TOL * size]
 
     def _theta_gradient(self, dA, db, dc, dP, w, vals_e, gw):
         """The gradient in theta from those in the cone data (and ``gw``,
@@ -506,13 +537,11 @@ class Layer:
             "there; the gradient returned is one of many.",
             RuntimeWarning, stacklevel=4)
 
-    def _warn_degenerate(self, Y, S, batched):
-        """Warn where the solution is degenerate (see
+    def _warn_degenerate(self, bad, batched):
+        """Warn where the solution is degenerate (the elements ``bad``; see
         ``cones.degenerate_elements``): the solution map has no derivative
         there, and the gradient returned is one of its one-sided
         derivatives or not a derivative at all."""
-        bad = np.flatnonzero(cones.degenerate_elements(Y, S,
-                                                       self.compiled.dims))
         if bad.size == 0:
             return
         where = (f"batch element(s) {bad.tolist()[:20]}" if batched

@@ -786,6 +786,24 @@ def test_degenerate_solutions_warn_in_the_backward_pass():
         layer.vjp([values], [np.ones((3, 2))])
 
 
+def test_degeneracy_that_does_not_reach_the_gradient_is_quiet():
+    # Inactive norm1 / norm_inf bounds: their epigraph variables are not
+    # unique, and the solution found has constraints at 0 with zero
+    # multipliers, but x = a whatever they are: both one-sided gradients
+    # are the identity, and no warning is due.
+    x = cp.Variable(3)
+    a = cp.Parameter(3)
+    values = np.array([[1.0, -2.0, 0.5], [0.2, 0.3, -0.4]])
+    cot = np.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 2.0]])
+    for bound in (cp.norm1(x) <= 100, cp.norm_inf(x) <= 10):
+        problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [bound])
+        layer = optlayer.Layer(problem, [a], [x])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            (g,) = layer.vjp([values], [cot])
+        np.testing.assert_allclose(g, cot, rtol=1e-9, atol=1e-12)
+
+
 def test_empty_scs_status_reads_unknown_and_hint_fits_the_option():
     # SCS leaves its status text empty when it cannot tell; the error says
     # "unknown". The rescaling hint suggests quadratic_objective=True only
