@@ -797,8 +797,10 @@ def _solve_regularized(K, rhs, n=None, flags=None):
     is nonsingular.
 
     ``flags``: optional boolean array (B,), set where K was regularized.
+    With flags, a stack that LAPACK fails as a whole is solved element by
+    element, so that only the singular elements are flagged.
     """
-    sol = _solve(K, rhs, singular_ok=True)
+    sol = _solve(K, rhs, singular_ok=flags is None)
     scale = 1.0 + np.abs(rhs).max(axis=1)
     res = np.abs(bmv(K, np.nan_to_num(sol)) - rhs).max(axis=1)
     bad = ~(res <= _SOLVE_TOL * scale) | ~np.isfinite(sol).all(axis=1)
@@ -893,8 +895,9 @@ def solve_checked(M, rhs, tol, flags=None):
     transposes), regularized where M is singular; rows whose relative
     residual is still above ``tol`` (inconsistent systems) come back as
     NaN. ``flags``: optional boolean array (B,), set where M was
-    regularized."""
-    d = _solve(M, rhs, singular_ok=True)
+    regularized (then a stack that LAPACK fails as a whole is solved
+    element by element, so that only singular elements are flagged)."""
+    d = _solve(M, rhs, singular_ok=flags is None)
     scale = tol * np.sqrt(np.einsum("bi,bi->b", rhs, rhs))
     r = bmv(M, d) - rhs
     bad = ~(np.sqrt(np.einsum("bi,bi->b", r, r)) <= scale)
