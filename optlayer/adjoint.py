@@ -397,7 +397,7 @@ def _adjoint_full(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims, Ad,
     J = _reduced.full_jacobian(Ad, D, Pq)
     g = np.concatenate([GX, _reduced.bmv(D, GY + GS) - GS], axis=1)
     r = _reduced.solve_checked(np.swapaxes(J, 1, 2), g, RESIDUAL_TOL,
-                               flags)
+                               flags, _reduced._REG_ROUNDS)
     bad = np.flatnonzero(~np.isfinite(r).all(axis=1))
     out = _gradients(rows, cols, X, Y, r[:, :n], r[:, n:], P)
     if bad.size:

@@ -713,7 +713,7 @@ class System:
         sol = _solve_regularized(
             np.swapaxes(self.K, 1, 2),
             np.concatenate([rhs1[:, self.nk_keep], rhs2], axis=1), self.nk,
-            flags)
+            flags, _REG_ROUNDS)
         r1, p = self._expand(sol[:, :self.nk]), sol[:, self.nk:]
         P = -self._scatter(p, self.hard.shape[1])       # q on hard ones
         pair_t = None
@@ -771,11 +771,11 @@ _SOLVE_TOL = 1e-9
 # Size of the regularization, relative to the largest entry of K.
 _REG = 1e-10
 # At most this many rounds of iterative refinement after a regularized
-# solve.
+# solve in an adjoint.
 _REG_ROUNDS = 10
 
 
-def _solve_regularized(K, rhs, n=None, flags=None):
+def _solve_regularized(K, rhs, n=None, flags=None, rounds=1):
     """Stacked solve that also gives a step where K is singular.
 
     Where K is (numerically) singular, e.g. a variable that only an
@@ -798,7 +798,9 @@ def _solve_regularized(K, rhs, n=None, flags=None):
 
     ``flags``: optional boolean array (B,), set where K was regularized.
     With flags, a stack that LAPACK fails as a whole is solved element by
-    element, so that only the singular elements are flagged.
+    element, so that only the singular elements are flagged. ``rounds``:
+    at most this many rounds of refinement (Newton steps need one, their
+    residual is checked; adjoints take _REG_ROUNDS).
     """
     sol = _solve(K, rhs, singular_ok=flags is None)
     scale = 1.0 + np.abs(rhs).max(axis=1)
@@ -833,7 +835,7 @@ def _solve_regularized(K, rhs, n=None, flags=None):
         best = apply(rb)
         best_res = np.abs(rb - bmv(Kb, best)).max(axis=1)
         current, res_k = best, best_res
-        for _ in range(_REG_ROUNDS):
+        for _ in range(rounds):
             current = current + apply(rb - bmv(Kb, current))
             new_res = np.abs(rb - bmv(Kb, current)).max(axis=1)
             better = new_res < best_res
@@ -890,13 +892,14 @@ def full_jacobian(Ad, P, Pq=None):
     return J
 
 
-def solve_checked(M, rhs, tol, flags=None):
+def solve_checked(M, rhs, tol, flags=None, rounds=1):
     """Stacked solve of M d = rhs for full Jacobians M (or their
     transposes), regularized where M is singular; rows whose relative
     residual is still above ``tol`` (inconsistent systems) come back as
     NaN. ``flags``: optional boolean array (B,), set where M was
     regularized (then a stack that LAPACK fails as a whole is solved
-    element by element, so that only singular elements are flagged)."""
+    element by element, so that only singular elements are flagged);
+    ``rounds``: see :func:`_solve_regularized`."""
     d = _solve(M, rhs, singular_ok=flags is None)
     scale = tol * np.sqrt(np.einsum("bi,bi->b", rhs, rhs))
     r = bmv(M, d) - rhs
@@ -905,7 +908,7 @@ def solve_checked(M, rhs, tol, flags=None):
         flags |= bad
     if bad.any():
         Mb, rb = M[bad], rhs[bad]
-        db = _solve_regularized(Mb, rb)
+        db = _solve_regularized(Mb, rb, rounds=rounds)
         r = bmv(Mb, np.nan_to_num(db)) - rb
         db[~(np.sqrt(np.einsum("bi,bi->b", r, r)) <= scale[bad])] = np.nan
         d[bad] = db
