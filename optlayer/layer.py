@@ -641,10 +641,11 @@ class Layer:
         self._local = threading.local()
 
     def _A_matrix(self, values):
-        """A with these values, for SCS (which copies it): the calling
-        thread's CSC matrix with A's pattern, its values replaced. (SciPy's
+        """A with these values, for one SCS solve: the calling thread's
+        CSC matrix with A's pattern, its values replaced (a thread reuses
+        it only after its previous solve has returned). SciPy's
         constructor and SCS's check of the index order on a new matrix
-        cost about 30 microseconds per solve.)"""
+        cost about 30 microseconds per solve."""
         A = getattr(self._local, "A", None)
         if A is None:
             cp_ = self.compiled
@@ -1314,10 +1315,11 @@ def _check_domain(i, name, param, arr, batched):
             good &= (flat == 0) | (flat == 1)
         if not np.all(good):
             worst = flat[~good].flat[0]
+            allowed = "0 or 1" if kind == "boolean" else "integers"
             raise ValueError(
                 f"Parameter {i} '{name}' is declared {kind}=True but has "
-                f"entries that are not {'0 or 1' if kind == 'boolean' else 'integers'} "
-                f"(e.g. {worst:g}){where(~good.all(axis=1))}.")
+                f"entries that are not {allowed} (e.g. {worst:g})"
+                f"{where(~good.all(axis=1))}.")
     bounds = attrs.get("bounds")
     if bounds is not None:
         shape = mats.shape[1:]

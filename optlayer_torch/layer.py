@@ -47,9 +47,9 @@ class Layer(torch.nn.Module):
     Limits: the solve runs in NumPy, so double backward
     (``create_graph=True``: gradient penalties, Hessians) raises a
     ``RuntimeError``, and ``torch.func`` transforms (``torch.func.grad``,
-    ``vmap``, ``jacrev``, ...) raise ``NotImplementedError``. Use ordinary autograd
-    (``loss.backward()``, ``torch.autograd.grad``) and the layer's own batch
-    dimension instead.
+    ``vmap``, ``jacrev``, ...) raise ``NotImplementedError``. Use ordinary
+    autograd (``loss.backward()``, ``torch.autograd.grad``) and the layer's
+    own batch dimension instead.
 
     Example:
         >>> import cvxpy as cp, torch, optlayer_torch
