@@ -1087,10 +1087,7 @@ def degenerate_elements(Y, S, dims, tol=1e-9):
     Returns a boolean array (B,).
     """
     B = Y.shape[0]
-    # max(|y_i|, |s_i|) entry by entry; a block is at zero where its
-    # largest such entry is.
-    both = np.maximum(np.abs(Y), np.abs(S))
-    scale = (tol * (1.0 + both.max(axis=1, initial=0.0)))[:, None]
+    both, scale = _zero_level(Y, S, tol)
     z, l = dims.zero, dims.nonneg
     bad = ((both[:, z:z + l] <= scale).any(axis=1) if l
            else np.zeros(B, bool))
@@ -1102,6 +1099,14 @@ def degenerate_elements(Y, S, dims, tol=1e-9):
     return bad
 
 
+def _zero_level(Y, S, tol):
+    """max(|y_i|, |s_i|) entry by entry (a block is at zero where its
+    largest such entry is), and the level (B, 1) below which an entry
+    counts as zero: tol times 1 + the element's largest one."""
+    both = np.maximum(np.abs(Y), np.abs(S))
+    return both, (tol * (1.0 + both.max(axis=1, initial=0.0)))[:, None]
+
+
 def flip_degenerate(Y, S, dims, tol=1e-9):
     """(Y, S) with each degenerate part (see :func:`degenerate_elements`,
     same ``tol``) moved to its other side, for the other one-sided
@@ -1111,8 +1116,7 @@ def flip_degenerate(Y, S, dims, tol=1e-9):
     1 + the element's largest |y| or |s|. Other entries are kept (y and s
     are recomputed from v by Moreau's decomposition)."""
     B = Y.shape[0]
-    both = np.maximum(np.abs(Y), np.abs(S))
-    scale = (tol * (1.0 + both.max(axis=1, initial=0.0)))[:, None]
+    both, scale = _zero_level(Y, S, tol)
     V = Y - S
     z, l = dims.zero, dims.nonneg
     if l:

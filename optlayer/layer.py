@@ -640,6 +640,13 @@ class Layer:
         self.__dict__.update(state)
         self._local = threading.local()
 
+    def _solve_element(self, Av, Bv, C, Pv, i, options, start=None):
+        """SCS on element i with its own workspace, from ``start`` (x, y,
+        s) or from scratch; returns solve_one's result."""
+        return _solve.solve_one(self._A_matrix(Av[i]), Bv[i], C[i],
+                                self._cone, options, start,
+                                self._P_matrix(Pv, i))
+
     def _A_matrix(self, values):
         """A with these values, for one SCS solve: the calling thread's
         CSC matrix with A's pattern, its values replaced (a thread reuses
@@ -744,9 +751,8 @@ class Layer:
                 return workspace.solve(Bv[i], C[i], warm_for(i))
         else:
             def one(i):
-                return _solve.solve_one(self._A_matrix(Av[i]), Bv[i], C[i],
-                                        cone, options, warm_for(i),
-                                        self._P_matrix(Pv, i))
+                return self._solve_element(Av, Bv, C, Pv, i, options,
+                                           warm_for(i))
 
         if todo.size == 0:
             return X, Y, S
@@ -772,12 +778,9 @@ class Layer:
             again = [k for k, r in enumerate(results) if r[3] not in (
                 _solve.SOLVED, _solve.SOLVED_INACCURATE)]
             if again:
-                def fresh(i):
-                    return _solve.solve_one(self._A_matrix(Av[i]), Bv[i],
-                                            C[i], cone, options, None,
-                                            self._P_matrix(Pv, i))
-
-                redo = self._map(fresh, todo[again])
+                redo = self._map(
+                    lambda i: self._solve_element(Av, Bv, C, Pv, i, options),
+                    todo[again])
                 for k, r in zip(again, redo):
                     results[k] = r
         X[todo] = np.stack([r[0] for r in results]).reshape(-1, cp_.n)
@@ -1017,9 +1020,7 @@ class Layer:
 
         def one(i):
             start = (X[i], Y[i], S[i]) if warm else None
-            return _solve.solve_one(self._A_matrix(Av[i]), Bv[i], C[i],
-                                    self._cone, options, start,
-                                    self._P_matrix(Pv, i))
+            return self._solve_element(Av, Bv, C, Pv, i, options, start)
 
         results = self._map(one, which)
         if raw:
