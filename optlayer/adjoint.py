@@ -64,6 +64,13 @@ DENSE_FALLBACK_LIMIT = 2000
 _SINGULAR_PIVOT = 1e-11
 # Relative residual above which a solve is not trusted.
 RESIDUAL_TOL = 1e-7
+# The search for a null direction of a singular J' (null_direction_gradients):
+# inverse iteration with J' + delta I, delta = NULL_SHIFT (1 + max |J|),
+# gives a vector z of J''s null space where J' z is at most NULL_TOL
+# (1 + max |J|); callers take the gradient as not unique if it moves by
+# more than NULL_TOL (1 + max(|x|, |y|)) along z.
+NULL_SHIFT = 1e-10
+NULL_TOL = 1e-6
 
 
 def _q_matrix(A, b, c):
@@ -492,3 +499,56 @@ def _adjoint_least_squares(Av, rows, cols, X, Y, S, GX, GY, GS, dims, P):
     r = np.stack([np.linalg.lstsq(JT[b], g[b], rcond=1e-12)[0]
                   for b in range(B)]) if B else np.zeros((0, n + m))
     return _gradients(rows, cols, X, Y, r[:, :n], r[:, n:], P)
+
+
+def adjoint_other_side(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
+                       P=None):
+    """:func:`adjoint_dense` at the other one-sided derivative of every
+    degenerate part of (Y, S) (``cones.flip_degenerate``): where the
+    result equals the adjoint at (Y, S), the degeneracy does not reach
+    the gradient."""
+    Y2, S2 = cones.flip_degenerate(Y, S, dims)
+    return adjoint_dense(Av, rows, cols, Bv, C, X, Y2, S2, GX, GY, GS, dims,
+                         P=P)
+
+
+def null_direction_gradients(Av, rows, cols, X, Y, S, dims, P=None,
+                             rng=None):
+    """How the data gradients move along a null direction of J'.
+
+    Where J is singular, J' r = g has the solutions r + null(J'), and the
+    gradients (dA, db, dc, dP) of :func:`_gradients` move with r. For each
+    element, a vector z of null(J') comes from two steps of inverse
+    iteration with J' + delta I (delta: see NULL_SHIFT) from a random
+    start, which has a component along every null direction; each step
+    shrinks the rest of z by delta / sigma, sigma J's smallest nonzero
+    singular value.
+
+    Returns:
+        (dA, db, dc, dP, in_null): the data gradients of r = z, and a
+        boolean (B,): whether J' z is at most NULL_TOL (1 + max |J|) (False
+        where J is not singular after all).
+    """
+    B, n = X.shape
+    m = Y.shape[1]
+    N = n + m
+    rng = np.random.default_rng(0) if rng is None else rng
+    Ad = _reduced.dense_A(Av, rows, cols, m, n)
+    D = cones.dproject_batch_dense(Y - S, dims, dual=True)
+    Jt = np.swapaxes(_reduced.full_jacobian(Ad, D, _reduced.dense_P(P, n)),
+                     1, 2)
+    size = 1.0 + np.abs(Jt).max(axis=(1, 2))
+    M = Jt.copy()
+    diag = np.arange(N)
+    M[:, diag, diag] += (NULL_SHIFT * size)[:, None]
+    z = rng.standard_normal((B, N))
+    try:
+        for _ in range(2):
+            z = np.linalg.solve(M, z[..., None])[..., 0]
+            z /= np.linalg.norm(z, axis=1, keepdims=True)
+    except np.linalg.LinAlgError:  # pragma: no cover - J' + delta I is
+        z = np.zeros((B, N))       # nonsingular; nothing to tell
+    in_null = (np.abs(_reduced.bmv(Jt, z)).max(axis=1, initial=0.0)
+               <= NULL_TOL * size) & (np.abs(z).max(axis=1, initial=0.0) > 0)
+    dA, db, dc, dP = _gradients(rows, cols, X, Y, z[:, :n], z[:, n:], P)
+    return dA, db, dc, dP, in_null

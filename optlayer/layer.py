@@ -64,12 +64,6 @@ _LONG_CHECK = 8
 _LONG_GIVE_UP = 1.0
 # SCS's tolerance for a second try at elements that did not refine.
 _RESOLVE_EPS = 1e-7
-# The check that a gradient is unique: inverse iteration with J' + delta I,
-# delta = _NULL_SHIFT (1 + max |J|), gives a vector z of J''s null space
-# where J' z is at most _NULL_TOL (1 + max |J|); the gradient is not unique
-# if it moves by more than _NULL_TOL (1 + max(|x|, |y|)) along z.
-_NULL_SHIFT = 1e-10
-_NULL_TOL = 1e-6
 # A degenerate element warns where its two one-sided gradients differ by
 # more than this, relative to 1 + the largest gradient entry (both are
 # exact solutions of nonsingular systems; they agree to about 1e-10 where
@@ -450,11 +444,10 @@ class Layer:
         non-unique epigraph variables of an inactive norm1 bound, one of
         whose constraints sits at 0 with a zero multiplier)."""
         cp_ = self.compiled
-        Y2, S2 = cones.flip_degenerate(Y[which], S[which], cp_.dims)
-        dA, db, dc, dP = _adjoint.adjoint_dense(
+        dA, db, dc, dP = _adjoint.adjoint_other_side(
             Av[which], cp_.A_indices, self._A_cols, Bv[which], C[which],
-            X[which], Y2, S2, gx[which], gy[which], gs[which], cp_.dims,
-            P=self._quad(Pv[which]))
+            X[which], Y[which], S[which], gx[which], gy[which], gs[which],
+            cp_.dims, P=self._quad(Pv[which]))
         other = self._theta_gradient(dA, db, dc, dP, w[which],
                                      vals_e[which], gw[which])
         here = dtheta[which]
@@ -482,48 +475,25 @@ class Layer:
         solutions r + null(J'), and the gradient moves with them unless
         the parameters' derivative of the data is orthogonal to null(J')
         (a non-unique auxiliary variable, say the epigraph variable of an
-        inactive norm bound, is harmless). A vector of null(J') comes from
-        inverse iteration with J' + delta I (stacked solves; from a random
-        start it has a component along every null direction)."""
+        inactive norm bound, is harmless; see
+        ``adjoint.null_direction_gradients``)."""
         cp_ = self.compiled
-        n, m = cp_.n, cp_.m
-        N = n + m
-        rows, cols = cp_.A_indices, self._A_cols
+        N = cp_.n + cp_.m
         step = max(1, int(_DENSE_CHUNK_BYTES // (8 * 3 * N * N)))
         rng = np.random.default_rng(0)
-        diag = np.arange(N)
         bad = []
         for lo in range(0, which.size, step):
             idx = which[lo:lo + step]
-            k = idx.size
-            Ad = _reduced.dense_A(Av[idx], rows, cols, m, n)
-            D = cones.dproject_batch_dense(Y[idx] - S[idx], cp_.dims,
-                                           dual=True)
-            P = self._quad(Pv[idx])
-            Jt = np.swapaxes(_reduced.full_jacobian(
-                Ad, D, _reduced.dense_P(P, n)), 1, 2)
-            size = 1.0 + np.abs(Jt).max(axis=(1, 2))
-            M = Jt.copy()
-            M[:, diag, diag] += (_NULL_SHIFT * size)[:, None]
-            z = rng.standard_normal((k, N))
-            try:
-                # Two steps: the rest of z shrinks by (delta / sigma)^2,
-                # sigma J's smallest nonzero singular value.
-                for _ in range(2):
-                    z = np.linalg.solve(M, z[..., None])[..., 0]
-                    z /= np.linalg.norm(z, axis=1, keepdims=True)
-            except np.linalg.LinAlgError:  # pragma: no cover - J + dI is
-                continue                   # nonsingular; nothing to tell
-            in_null = (np.abs(_reduced.bmv(Jt, z)).max(axis=1)
-                       <= _NULL_TOL * size)
-            dA, db, dc, dP = _adjoint._gradients(
-                rows, cols, X[idx], Y[idx], z[:, :n], z[:, n:], P)
-            moves = self._theta_gradient(dA, db, dc, dP, w[idx],
-                                         vals_e[idx],
-                                         np.zeros((k, cp_.elim.size)))
+            dA, db, dc, dP, in_null = _adjoint.null_direction_gradients(
+                Av[idx], cp_.A_indices, self._A_cols, X[idx], Y[idx],
+                S[idx], cp_.dims, self._quad(Pv[idx]), rng)
+            moves = self._theta_gradient(
+                dA, db, dc, dP, w[idx], vals_e[idx],
+                np.zeros((idx.size, cp_.elim.size)))
             scale = 1.0 + np.maximum(np.abs(X[idx]).max(axis=1, initial=0.0),
                                      np.abs(Y[idx]).max(axis=1, initial=0.0))
-            moved = np.abs(moves).max(axis=1, initial=0.0) > _NULL_TOL * scale
+            moved = (np.abs(moves).max(axis=1, initial=0.0)
+                     > _adjoint.NULL_TOL * scale)
             bad.extend(int(i) for i in idx[in_null & moved])
         if not bad:
             return

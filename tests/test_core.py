@@ -1086,6 +1086,44 @@ def test_gradient_at_a_norm_bound_of_zero_warns_that_it_is_not_unique(
         layer.vjp([av, np.array(1e-6)], [np.ones(4)])
 
 
+def test_null_direction_gradients_find_the_null_space_of_singular_systems():
+    # At r = 0, ||x|| <= r leaves one point: J is singular, and the null
+    # direction found must satisfy J' z ~ 0 and move the gradient in b;
+    # at r = 1 J is nonsingular and nothing counts as a null direction.
+    import optlayer.adjoint as adj
+    from optlayer import cones, reduced
+
+    x = cp.Variable(3)
+    a = cp.Parameter(3)
+    r = cp.Parameter(nonneg=True)
+    problem = cp.Problem(cp.Minimize(a @ x + cp.norm(x - 1, 2)),
+                         [cp.norm(x, 2) <= r])
+    layer = optlayer.Layer(problem, [a, r], [x], warm_start=False)
+    cp_ = layer.compiled
+    found = []
+    for rv in (0.0, 1.0):
+        values = layer._as_arrays([np.array([0.3, -1.0, 2.0]),
+                                   np.array(rv)])
+        _, state = layer.solve(*values)
+        X, Y, S = state
+        _, _, theta = layer._prepare(values)
+        Av = layer._data(theta)[0]
+        dA, db, dc, dP, in_null = adj.null_direction_gradients(
+            Av, cp_.A_indices, layer._A_cols, X, Y, S, cp_.dims)
+        found.append(bool(in_null[0]))
+        if in_null[0]:
+            # Rebuild J' and check the direction: db = -z's second part.
+            Ad = reduced.dense_A(Av, cp_.A_indices, layer._A_cols,
+                                 cp_.m, cp_.n)
+            D = cones.dproject_batch_dense(Y - S, cp_.dims, dual=True)
+            Jt = np.swapaxes(reduced.full_jacobian(Ad, D), 1, 2)
+            z = np.concatenate([-dc, -db], axis=1)
+            assert np.linalg.norm(z) > 0.5       # unit vector, rescaled
+            # Two inverse-iteration steps at shift 1e-10: J' z ~ 1e-10.
+            assert np.abs(reduced.bmv(Jt, z)).max() <= adj.NULL_TOL
+    assert found == [True, False]
+
+
 def test_adjoint_handles_non_unique_auxiliary_variables(
         linear_system, monkeypatch):
     # The same singular optimality conditions in the backward pass: J' r = g
