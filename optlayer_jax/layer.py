@@ -163,7 +163,13 @@ class Layer:
                 "array per parameter, in the layer's parameter order: "
                 f"layer({names}). Got a dict; pass its values in that order."
             )
-        values = tuple(jnp.asarray(v) for v in values)
+        # Traced values are copied: a NumPy array mapped by vmap stays a
+        # NumPy array inside its tracer, which jit then rejects as a
+        # constant of the custom_vjp call ("non-canonical constant"); the
+        # copy makes it a JAX array (and costs nothing once compiled).
+        values = tuple(jnp.array(v, copy=True)
+                       if isinstance(v, jax.core.Tracer) else jnp.asarray(v)
+                       for v in values)
         # Shapes are static, so a bad call fails here, while tracing.
         self._batch_size(values)
         dtype = _float_dtype(values)

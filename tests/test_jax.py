@@ -214,6 +214,30 @@ def test_vmap_of_batched_call(monkeypatch):
                               for e, v in zip(expected, values)])
 
 
+def test_jit_of_vmap_with_numpy_mapped_argument():
+    # NumPy data mapped by vmap under jit (a data batch kept in NumPy) must
+    # work like the same data as JAX arrays, values and gradients.
+    layer = _layer("qp")
+    case = get_case("qp")
+    values = _inputs("qp", 4, seed=12)
+    axes = tuple(0 if m else None for m in case.batch_mask)
+    first = case.batch_mask.index(True)
+
+    def run(v0):
+        args = [v0 if i == first else v for i, v in enumerate(values)]
+        return jax.vmap(layer, in_axes=axes)(*args)
+
+    def loss(v0):
+        return sum(jnp.sum(o) for o in run(v0))
+
+    v0 = values[first]
+    got = jax.jit(run)(jnp.asarray(v0))
+    _assert_all_close(got, layer.core(*values))
+    grad = jax.jit(jax.grad(loss))(jnp.asarray(v0))
+    weights = [np.ones((4,) + s) for s in layer.output_shapes]
+    _assert_all_close([grad], [layer.core.vjp(values, weights)[first]])
+
+
 def test_nested_vmap(monkeypatch):
     # Outer map over q, inner map over h, g shared: a 3 x 4 grid of problems.
     layer = _layer("qp")
