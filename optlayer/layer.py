@@ -604,6 +604,13 @@ class Layer:
         state["_pool"] = None
         state["_local"] = None
         state["_data_cache"] = None
+        # The problem without what CVXPY keeps after its own solves (solver
+        # objects, some of which cannot be pickled): the same objective
+        # and constraints, so its parameters and variables are still the
+        # layer's.
+        problem = self.problem
+        state["problem"] = type(problem)(problem.objective,
+                                         problem.constraints)
         return state
 
     def __setstate__(self, state):

@@ -1888,3 +1888,23 @@ def test_gradient_exact_where_the_system_is_singular_and_ill_conditioned(
         d[0, j] = 1e-7
         want[0, j] = (closed_form(ev + d) - closed_form(ev - d)) @ cot / 2e-7
     _assert_close(g, want, 1e-7, "gradient in e")
+
+
+def test_layer_pickles_after_cvxpy_solved_its_problem():
+    # CVXPY keeps solver objects on a problem it solved, some of which do
+    # not pickle; the layer's copies must not depend on what the user did
+    # with the problem (say, solved it to compare).
+    import copy
+    import pickle
+
+    x = cp.Variable(2)
+    a = cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0])
+    layer = optlayer.Layer(problem, [a], [x])
+    a.value = np.array([1.0, -1.0])
+    problem.solve(solver=cp.CLARABEL)   # keeps Clarabel's solver object
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        (out,) = twin(np.array([2.0, -3.0]))
+        np.testing.assert_allclose(out, [2.0, 0.0], atol=1e-9)
+        # The copy's problem still holds the copy's parameters.
+        assert twin.problem.parameters()[0] is twin.parameters[0]
