@@ -48,8 +48,10 @@ class Layer(keras.layers.Layer):
     The core always computes in float64.
 
     Values may be tensors, Keras variables, NumPy arrays or, for scalar
-    parameters, Python numbers (converted as ``tf.convert_to_tensor`` does,
-    so a Python float counts as float32).
+    parameters, Python numbers. A Python float takes the floating dtype of
+    the other inputs (float64 beside a float64 input, so it is not rounded;
+    Keras's floatx, float32 by default, if no other input is floating); a
+    Python int counts as int32.
 
     Works eagerly (with ``tf.GradientTape``), inside ``tf.function`` and in
     models trained with ``Model.fit``. Limitations: the graph path runs
@@ -147,14 +149,19 @@ class Layer(keras.layers.Layer):
 
     def __call__(self, *values, **kwargs):
         # Keras only takes tensors and arrays as positional arguments:
-        # Python numbers become tensors as tf.convert_to_tensor makes them
-        # (float32, int32), and anything not numeric gets the core's error.
-        values = tuple(
-            tf.convert_to_tensor(v)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-            for v in values)
-        if not all(_is_array_like(v) for v in values):
-            self.core.batch_size(*values)
+        # Python numbers and lists become tensors (see _python_to_tensor),
+        # and anything not numeric gets the core's error.
+        listed = (len(values) == 1 and isinstance(values[0], (list, tuple))
+                  and len(self.core.param_shapes) != 1)
+        items = values[0] if listed else values
+        float_dtype = _number_dtype(items)
+        items = type(items)(_python_to_tensor(v, float_dtype)
+                            for v in items)
+        if not all(_is_array_like(v) and not isinstance(v, (list, tuple))
+                   for v in items):
+            # Values left as they were are not numeric: the core's error.
+            self.core.batch_size(*items)
+        values = (items,) if listed else items
         return super().__call__(*values, **kwargs)
 
     def call(self, *values):
@@ -390,6 +397,51 @@ def _check_real(core, dtypes):
         if tf.as_dtype(dtype).is_complex:
             raise optlayer.layer.complex_value_error(
                 i, name, tf.as_dtype(dtype).name)
+
+
+def _is_python_float(value):
+    return isinstance(value, float) and not isinstance(value, np.floating)
+
+
+def _python_to_tensor(value, float_dtype):
+    """A Python number or (nested) list as a tensor; other values as they
+    are. Floats take ``float_dtype``, the floating dtype of the other
+    inputs (as a weakly typed number would), so that they are not rounded
+    to float32 beside float64 inputs; ints become int32, as
+    ``tf.convert_to_tensor`` makes them. Lists that NumPy cannot read as
+    numbers are left for the core's error."""
+    if _is_python_float(value):
+        return tf.constant(value, dtype=float_dtype)
+    if isinstance(value, (bool, int, float)):
+        return tf.convert_to_tensor(value)
+    if isinstance(value, (list, tuple)):
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError):
+            return value
+        if array.dtype.kind == "f":
+            return tf.constant(array, dtype=float_dtype)
+        if array.dtype.kind in "iub":
+            return tf.convert_to_tensor(array)
+    return value
+
+
+def _number_dtype(values):
+    """The dtype for Python floats among ``values``: the result dtype of
+    the other floating inputs, or Keras's floatx if there are none."""
+    dtypes = []
+    for v in values:
+        dtype = getattr(v, "dtype", None)
+        if dtype is None or _is_python_float(v):
+            continue
+        try:
+            dtype = tf.as_dtype(dtype)
+        except TypeError:
+            continue
+        if dtype.is_floating:
+            dtypes.append(dtype)
+    return _result_dtype(dtypes) if dtypes else tf.as_dtype(
+        keras.config.floatx())
 
 
 def _is_numeric(dtype):

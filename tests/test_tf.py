@@ -357,10 +357,33 @@ def test_python_numbers_for_a_scalar_parameter():
         cp.Problem(cp.Minimize(cp.square(y - a)), [y >= 0]), [a], [y])
     (y_pos,) = layer(2.0)
     (y_neg,) = layer(-2.0)
-    # A Python float becomes a float32 tensor, as in tf.convert_to_tensor.
+    # Alone, a Python float becomes a float32 tensor (Keras's floatx).
     assert y_pos.dtype == tf.float32 and y_pos.shape == ()
     np.testing.assert_allclose([float(y_pos), float(y_neg)], [2.0, 0.0],
                                atol=1e-6)
+
+
+def test_python_floats_take_the_other_inputs_float_dtype():
+    # min ||x - a - b||^2 has x = a + b: a Python float a beside float64
+    # inputs must reach the solve unrounded (0.3 in float32 is off by
+    # 1.2e-8), beside float32 inputs it must not widen the outputs, and
+    # Python lists are read like arrays.
+    a = cp.Parameter(name="a")
+    b = cp.Parameter(3, name="b")
+    x = cp.Variable(3)
+    layer = optlayer_tf.Layer(
+        cp.Problem(cp.Minimize(cp.sum_squares(x - a - b))), [a, b], [x])
+    (x64,) = layer(0.3, np.zeros((2, 3)))
+    assert x64.dtype == tf.float64
+    np.testing.assert_allclose(x64.numpy(), 0.3, rtol=0, atol=1e-12)
+    (x32,) = layer(0.3, tf.zeros((2, 3)))
+    assert x32.dtype == tf.float32
+    (x_list,) = layer([0.3, [0.0, 0.0, 1.0]])   # one list of values
+    assert x_list.dtype == tf.float32           # no float input: floatx
+    np.testing.assert_allclose(x_list.numpy(), [0.3, 0.3, 1.3], atol=1e-6)
+    with pytest.raises(ValueError, match=r"Parameter 1 'b'.*cannot be "
+                       r"converted"):
+        layer(0.3, [0.0, "one", 2.0])
 
 
 # -- errors -------------------------------------------------------------------
