@@ -271,5 +271,6 @@ def _is_transformed(value):
 
 
 def _from_float64(array, dtype, device):
-    return torch.from_numpy(np.ascontiguousarray(array)).to(
+    # np.asarray keeps 0-d arrays 0-d (np.ascontiguousarray makes them 1-d).
+    return torch.from_numpy(np.asarray(array, order="C")).to(
         device=device, dtype=dtype)

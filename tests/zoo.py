@@ -540,6 +540,43 @@ def _dual_closed_form_grad(values, cotangents):
     return (grad_p, grad_u)
 
 
+# -- scalar_outputs: min (x - 2p)^2 s.t. x >= q, x a scalar variable ---------
+# x = max(2p, q); the constraint's multiplier is 2 max(q - 2p, 0). Both
+# outputs are scalars (shape ()).
+
+
+def _scalar_out_build():
+    x = cp.Variable(name="x")
+    p = _param((), "p")
+    q = _param((), "q")
+    bound = x >= q
+    problem = cp.Problem(cp.Minimize(cp.square(x - 2 * p)), [bound])
+    return problem, [p, q], [x, bound.dual_variables[0]]
+
+
+def _scalar_out_sample(rng):
+    return [np.array(rng.normal()), np.array(rng.normal())]
+
+
+def _scalar_out_accept(values):
+    p, q = values
+    return bool(abs(2 * p - q) > KINK_MARGIN)
+
+
+def _scalar_out_closed_form(values):
+    p, q = values
+    return (np.maximum(2 * p, q), 2.0 * np.maximum(q - 2 * p, 0.0))
+
+
+def _scalar_out_closed_form_grad(values, cotangents):
+    p, q = values
+    wx, wy = cotangents
+    free = 2 * p > q
+    grad_p = np.where(free, 2.0 * wx, -4.0 * wy)
+    grad_q = np.where(free, 0.0, wx + 2.0 * wy)
+    return (grad_p, grad_q)
+
+
 def _tags(*names):
     return frozenset(names)
 
@@ -585,6 +622,11 @@ CASES = [
     Case("dual", _tags("qp", "dual"), _dual_build, _dual_sample,
          (True, False), closed_form=_dual_closed_form,
          closed_form_grad=_dual_closed_form_grad, accept=_dual_accept),
+    Case("scalar_outputs", _tags("qp", "dual"), _scalar_out_build,
+         _scalar_out_sample, (True, False),
+         closed_form=_scalar_out_closed_form,
+         closed_form_grad=_scalar_out_closed_form_grad,
+         accept=_scalar_out_accept),
 ]
 
 _BY_NAME = {case.name: case for case in CASES}
