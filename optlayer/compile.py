@@ -482,6 +482,21 @@ def compile_problem(problem, parameters, variables, presolve=True,
             )
         except cp.error.ParameterError as exc:
             raise not_dpp from exc
+        except Exception as exc:
+            callbacks = [(i, p) for i, p in enumerate(parameters)
+                         if isinstance(p, cp.CallbackParam)]
+            if not callbacks or isinstance(exc, cp.error.SolverError):
+                raise
+            names = ", ".join(f"{i} '{p.name()}'" for i, p in callbacks)
+            raise ValueError(
+                f"CVXPY failed compiling the problem while it evaluated the "
+                f"callback of CallbackParam parameter(s) {names} "
+                f"({type(exc).__name__}: {exc}). The layer takes every "
+                "parameter's value as an input and never uses the "
+                "callback: declare it as a cp.Parameter of the same shape "
+                "(and compute its value where you call the layer), or give "
+                "the callback's inputs values before building the "
+                "layer.") from exc
         except cp.error.SolverError as exc:
             hint = ""
             if not problem.constraints and problem.objective.expr.is_affine():
@@ -495,6 +510,8 @@ def compile_problem(problem, parameters, variables, presolve=True,
     if any("not DPP" in str(w.message) for w in caught):
         raise not_dpp
     for w in caught:       # anything else CVXPY had to say
+        if "Reading from a sparse CVXPY expression" in str(w.message):
+            continue       # CVXPY reading its own sparse parameters
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     param_prob = data[cp.settings.PARAM_PROB]
     n = int(param_prob.x.size)

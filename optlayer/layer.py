@@ -22,7 +22,8 @@ logger = logging.getLogger("optlayer")
 
 # Attributes of a cvxpy.Parameter that restrict its values.
 _DOMAIN_ATTRIBUTES = ("nonneg", "pos", "nonpos", "neg", "diag", "symmetric",
-                      "PSD", "NSD", "bounds", "integer", "boolean")
+                      "PSD", "NSD", "bounds", "integer", "boolean",
+                      "sparsity")
 # A refined solution is accepted at this relative KKT residual.
 _REFINE_ACCEPT = 1e-9
 # Newton steps from the previous call's solution replace the solver only
@@ -1328,6 +1329,20 @@ def _check_domain(i, name, param, arr, batched):
                 f"nonzero entries off the diagonal (largest "
                 f"{size.max():.3g}){where(size > 0)}; pass a diagonal "
                 "matrix.")
+    pattern = getattr(param, "sparse_idx", None)
+    if attrs.get("sparsity") is not None and pattern is not None:
+        outside = np.ones(mats.shape[1:], dtype=bool)
+        outside[tuple(np.asarray(ix) for ix in pattern)] = False
+        size = np.abs(mats[:, outside]).max(axis=1, initial=0.0)
+        if np.any(size > 0):
+            first = np.argwhere(outside & (np.abs(mats[np.argmax(size > 0)])
+                                           > 0))[0]
+            raise ValueError(
+                f"Parameter {i} '{name}' is declared with a sparsity "
+                f"pattern but has nonzero entries outside it (e.g. at "
+                f"{tuple(int(k) for k in first)}; largest {size.max():.3g})"
+                f"{where(size > 0)}; pass zeros there (entries outside the "
+                "pattern are not part of the problem).")
     if any(attrs.get(a) for a in ("symmetric", "PSD", "NSD")):
         scale = 1.0 + np.abs(flat).max(axis=1, initial=0.0)
         # Values that single precision represents exactly most likely

@@ -386,6 +386,33 @@ def test_diag_parameter_off_diagonal_values():
         layer(batch)
 
 
+def test_sparsity_parameter_values_outside_the_pattern():
+    # Entries outside a declared sparsity pattern are not part of the
+    # compiled problem: a value with nonzeros there must be refused, not
+    # solved as if they were zero. Inside the pattern the layer solves
+    # S x = 1 exactly (S nonsingular): x = S^{-1} 1, polished to ~1e-12.
+    x = cp.Variable(3)
+    S = cp.Parameter((3, 3), sparsity=([0, 1, 2, 0], [0, 1, 2, 2]),
+                     name="S")
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(S @ x - 1)))
+    with warnings.catch_warnings():
+        # CVXPY's own note on reading sparse parameters stays inside.
+        warnings.simplefilter("error")
+        layer = optlayer.Layer(problem, [S], [x])
+    M = np.eye(3)
+    M[0, 2] = 0.7
+    (got,) = layer(M)
+    np.testing.assert_allclose(got, np.linalg.solve(M, np.ones(3)),
+                               atol=1e-8)
+    full = np.eye(3) + 0.5
+    with pytest.raises(ValueError, match=r"Parameter 0 'S' is declared "
+                                         r"with a sparsity pattern but has "
+                                         r"nonzero entries outside it "
+                                         r"\(e.g. at \(0, 1\).* in batch "
+                                         r"element\(s\) 1;"):
+        layer(np.stack([M, full]))
+
+
 def test_diag_variable_output():
     # A diagonal matrix variable comes back as the full matrix, zero off
     # the diagonal: here the diagonal of P.
@@ -864,3 +891,20 @@ def test_adjoint_checks_cotangents_and_state():
                                          r"expected \(2, \d+\) for this "
                                          r"call's batch size 2"):
         layer.adjoint(batch, state, [np.ones((2, 2))])
+
+
+def test_callback_parameter_whose_callback_fails_at_compile_time():
+    # CVXPY evaluates a CallbackParam's callback while compiling; before
+    # its inputs have values that fails inside the user's code. The error
+    # must name the parameter and say what to do.
+    A1 = cp.Parameter((3, 2))
+    A2 = cp.Parameter((2, 4))
+    b = cp.Parameter(3, name="b")
+    x = cp.Variable(4)
+    A = cp.CallbackParam(shape=(3, 4), callback=lambda: A1.value @ A2.value,
+                         name="A")
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(A @ x + b)))
+    with pytest.raises(ValueError, match=r"CallbackParam parameter\(s\) "
+                                         r"0 'A' \(TypeError: .*declare it "
+                                         r"as a cp.Parameter"):
+        optlayer.Layer(problem, [A, b], [x])
