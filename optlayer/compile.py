@@ -185,6 +185,19 @@ def _check_arguments(problem, parameters, variables):
             "continuous variables (with bounds such as 0 <= x <= 1)."
         )
     if not problem.is_dcp():
+        if problem.is_dgp():
+            raise ValueError(
+                "The problem is a geometric program (DGP: problem.is_dgp() "
+                "is True) but not DCP; optlayer takes DCP problems only. "
+                "Change variables to their logarithms (x = exp(u)) and take "
+                "logarithms of the objective and constraints to write it as "
+                "a convex problem (the change CVXPY makes for gp=True).")
+        if problem.is_dqcp():
+            raise ValueError(
+                "The problem is quasiconvex (DQCP: problem.is_dqcp() is "
+                "True) but not DCP; optlayer takes DCP problems only "
+                "(quasiconvex problems are solved by bisection over convex "
+                "ones, whose solution map it does not differentiate).")
         raise ValueError(
             "The problem is not DCP (disciplined convex programming): its "
             "objective or constraints are not convex as written (for "
@@ -482,21 +495,6 @@ def compile_problem(problem, parameters, variables, presolve=True,
             )
         except cp.error.ParameterError as exc:
             raise not_dpp from exc
-        except Exception as exc:
-            callbacks = [(i, p) for i, p in enumerate(parameters)
-                         if isinstance(p, cp.CallbackParam)]
-            if not callbacks or isinstance(exc, cp.error.SolverError):
-                raise
-            names = ", ".join(f"{i} '{p.name()}'" for i, p in callbacks)
-            raise ValueError(
-                f"CVXPY failed compiling the problem while it evaluated the "
-                f"callback of CallbackParam parameter(s) {names} "
-                f"({type(exc).__name__}: {exc}). The layer takes every "
-                "parameter's value as an input and never uses the "
-                "callback: declare it as a cp.Parameter of the same shape "
-                "(and compute its value where you call the layer), or give "
-                "the callback's inputs values before building the "
-                "layer.") from exc
         except cp.error.SolverError as exc:
             hint = ""
             if not problem.constraints and problem.objective.expr.is_affine():
@@ -507,6 +505,22 @@ def compile_problem(problem, parameters, variables, presolve=True,
             raise ValueError(
                 f"CVXPY cannot compile this problem for the cone solver "
                 f"SCS ({exc}).{hint}") from exc
+        except Exception as exc:
+            callbacks = [(i, p) for i, p in enumerate(parameters)
+                         if isinstance(p, cp.CallbackParam)]
+            if not callbacks:
+                raise
+            names = ", ".join(f"{i} '{p.name()}'" for i, p in callbacks)
+            raise ValueError(
+                f"CVXPY failed compiling the problem ({type(exc).__name__}: "
+                f"{exc}); it evaluates the callbacks of CallbackParam "
+                f"parameter(s) {names} while compiling, before their inputs "
+                "may have values. The layer takes every "
+                "parameter's value as an input and never uses the "
+                "callback: declare it as a cp.Parameter of the same shape "
+                "(and compute its value where you call the layer), or give "
+                "the callback's inputs values before building the "
+                "layer.") from exc
     if any("not DPP" in str(w.message) for w in caught):
         raise not_dpp
     for w in caught:       # anything else CVXPY had to say

@@ -426,6 +426,22 @@ def test_diag_variable_output():
     np.testing.assert_allclose(got, np.diag(np.diag(value)), atol=1e-8)
 
 
+def test_geometric_and_quasiconvex_programs_are_named():
+    # Both are valid CVXPY problems of other classes; the error says which
+    # class and what to do, not just "not DCP".
+    x = cp.Variable(pos=True)
+    y = cp.Variable(pos=True)
+    a = cp.Parameter(pos=True)
+    gp = cp.Problem(cp.Minimize(x * y), [x * y * a >= 1, x <= 2])
+    with pytest.raises(ValueError, match=r"geometric program \(DGP"):
+        optlayer.Layer(gp, [a], [x])
+    z = cp.Variable()
+    b = cp.Parameter()
+    qp = cp.Problem(cp.Minimize(cp.ceil(z)), [z >= b])
+    with pytest.raises(ValueError, match=r"quasiconvex \(DQCP"):
+        optlayer.Layer(qp, [b], [z])
+
+
 def test_not_dcp():
     x = cp.Variable(2)
     a = cp.Parameter(2)
@@ -904,7 +920,7 @@ def test_callback_parameter_whose_callback_fails_at_compile_time():
     A = cp.CallbackParam(shape=(3, 4), callback=lambda: A1.value @ A2.value,
                          name="A")
     problem = cp.Problem(cp.Minimize(cp.sum_squares(A @ x + b)))
-    with pytest.raises(ValueError, match=r"CallbackParam parameter\(s\) "
-                                         r"0 'A' \(TypeError: .*declare it "
-                                         r"as a cp.Parameter"):
+    with pytest.raises(ValueError, match=r"\(TypeError: .*CallbackParam "
+                                         r"parameter\(s\) 0 'A' .*declare "
+                                         r"it as a cp.Parameter"):
         optlayer.Layer(problem, [A, b], [x])
