@@ -69,8 +69,10 @@ class Layer:
     or unbounded problem) are raised with their own type and message when
     the layer runs eagerly (also under eager ``jax.grad``). Inside a traced
     computation (``jax.jit``, ``jax.vmap``) they are raised by the callback
-    while XLA runs, and JAX reports them as ``jax.errors.JaxRuntimeError``
-    whose message contains the original exception type and message. Under
+    while XLA runs, and JAX reports them with a message that contains the
+    original exception type and message, as ``jax.errors.JaxRuntimeError``
+    or, when an already compiled function runs again, as a plain
+    ``ValueError`` (JAX's choice; catch both). Under
     ``vmap`` the indices in a ``SolverError`` refer to the flattened batch
     (mapped axes first, row-major, then the layer's own batch axis).
 

@@ -11,6 +11,7 @@ tensors, so no per-call Python state is kept.
 
 import copy
 import inspect
+import warnings
 
 import keras
 import numpy as np
@@ -70,7 +71,13 @@ class Layer(keras.layers.Layer):
     problem in code and restore weights with ``load_weights``.
     ``copy.deepcopy`` and ``pickle`` work: the copy is a new layer (not
     connected to any model) with the same Keras settings around a copy of
-    the core.
+    the core. Saving a model (``model.save``, ``to_json``) warns that it
+    cannot be loaded back.
+
+    The layer returns a tuple even for one output, so in a
+    ``keras.Sequential`` model no layer can follow it directly (Keras
+    then fails with "Cannot convert ... to a shape"); use the functional
+    API and take ``outputs[0]``, or subclass ``keras.Model``.
 
     Args:
         problem: a DPP ``cvxpy.Problem``.
@@ -207,7 +214,17 @@ class Layer(keras.layers.Layer):
             for shape in self.core.output_shapes)
 
     def get_config(self):
-        """A JSON-able description of the layer (not enough to rebuild it)."""
+        """A JSON-able description of the layer (not enough to rebuild it).
+
+        Warns: Keras asks for it when saving a model (``model.save``,
+        ``to_json``), and such a saved model cannot be loaded back.
+        """
+        warnings.warn(
+            "optlayer_tf.Layer's config does not hold its CVXPY problem: a "
+            "model saved with it (model.save, to_json) cannot be loaded by "
+            "keras.models.load_model. Build the model in code and restore "
+            "its weights with save_weights / load_weights.",
+            UserWarning, stacklevel=2)
         config = super().get_config()
         compiled = self.core.compiled
         config.update(
