@@ -591,14 +591,16 @@ class Layer:
         if self.n_jobs <= 1 or len(items) <= 1:
             return [fn(i) for i in items]
         pool = self._pool
-        if pool is None:
+        if pool is None or pool[1] != os.getpid():
             with _POOL_LOCK:
                 # Two threads calling at once make one pool between them.
-                if self._pool is None:
-                    self._pool = concurrent.futures.ThreadPoolExecutor(
-                        self.n_jobs)
+                # A pool inherited through fork (a DataLoader worker, say)
+                # has no threads in the child: the child makes its own.
+                if self._pool is None or self._pool[1] != os.getpid():
+                    self._pool = (concurrent.futures.ThreadPoolExecutor(
+                        self.n_jobs), os.getpid())
                 pool = self._pool
-        return list(pool.map(fn, items))
+        return list(pool[0].map(fn, items))
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -1189,6 +1191,17 @@ class Layer:
 
 _BLAS_LIBRARIES = None
 _POOL_LOCK = threading.Lock()
+
+
+def _reset_pool_lock():
+    """A new lock in a forked child (another thread may have held the
+    parent's at the fork, and nothing would release it there)."""
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool_lock)
 
 
 class _blas_single_thread:

@@ -1908,3 +1908,34 @@ def test_layer_pickles_after_cvxpy_solved_its_problem():
         np.testing.assert_allclose(out, [2.0, 0.0], atol=1e-9)
         # The copy's problem still holds the copy's parameters.
         assert twin.problem.parameters()[0] is twin.parameters[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_layer_works_in_a_forked_child_after_using_its_threads():
+    # A thread pool inherited through fork has no threads in the child (a
+    # DataLoader worker, say): the child must solve, not wait forever.
+    import multiprocessing
+
+    c = cp.Parameter(3)
+    x = cp.Variable(3)
+    problem = cp.Problem(cp.Minimize(c @ x), [x >= -1, x <= 1])
+    layer = optlayer.Layer(problem, [c], [x], n_jobs=2, warm_start=False)
+    values = np.array([[1.0, -2.0, 0.5], [-1.0, 2.0, -0.5],
+                       [0.3, 0.2, -0.1], [2.0, 1.0, 1.0]])
+    (expected,) = layer(values)     # the pool exists now
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+
+    def child():
+        (got,) = layer(values)
+        queue.put(got)
+
+    process = context.Process(target=child)
+    process.start()
+    process.join(60)
+    hung = process.is_alive()
+    if hung:
+        process.kill()
+    assert not hung, "the layer hung in the forked child"
+    assert process.exitcode == 0
+    np.testing.assert_allclose(queue.get(timeout=10), expected, atol=1e-9)
