@@ -1315,10 +1315,9 @@ def _check_domain(i, name, param, arr, batched):
     bounds = attrs.get("bounds")
     if bounds is not None:
         shape = mats.shape[1:]
-        # Values from float32 tensors may round past a bound (0.1f >
-        # 0.1): half a float32 ulp of slack for them.
-        slack = (2.0 ** -24 if np.array_equal(flat.astype(np.float32), flat)
-                 else 0.0)
+        # Values from float32 (or float16, bfloat16) tensors may round
+        # past a bound (0.1f > 0.1): half an ulp of slack for them.
+        slack = _rounding(flat)
         for bound, side, sign in ((bounds[0], "lower", 1.0),
                                   (bounds[1], "upper", -1.0)):
             if bound is None:
@@ -1358,11 +1357,11 @@ def _check_domain(i, name, param, arr, batched):
                 "pattern are not part of the problem).")
     if any(attrs.get(a) for a in ("symmetric", "PSD", "NSD")):
         scale = 1.0 + np.abs(flat).max(axis=1, initial=0.0)
-        # Values that single precision represents exactly most likely
-        # came from float32 tensors: their rounding is about 1e-7, not
-        # 1e-16, relative.
-        single = np.array_equal(flat.astype(np.float32), flat)
-        tol = (1e-5 if single else 1e-9) * scale
+        # Values that a narrower format represents exactly most likely
+        # came from tensors of that format: their rounding is about 1e-7
+        # (float32) or 1e-3 (float16, bfloat16), not 1e-16, relative.
+        rounding = _rounding(flat)
+        tol = (max(1e-5, 16 * rounding) if rounding else 1e-9) * scale
         asym = np.abs(mats - np.swapaxes(mats, -1, -2)).reshape(
             mats.shape[0], -1).max(axis=1, initial=0.0)
         kind = next(a for a in ("PSD", "NSD", "symmetric") if attrs.get(a))
@@ -1386,6 +1385,22 @@ def _check_domain(i, name, param, arr, batched):
                     f"Parameter {i} '{name}' is declared {kind}=True but its "
                     f"value has {word} eigenvalue {value:.3g}{where(bad)}."
                 )
+
+
+def _rounding(flat):
+    """Half an ulp, relative, of the narrowest floating format that holds
+    every value of ``flat`` exactly: bfloat16 (2^-8), float16 (2^-11) or
+    float32 (2^-24); 0 if only float64 does. (Values converted from
+    tensors of those formats carry that much rounding.)"""
+    single = flat.astype(np.float32)
+    if not np.array_equal(single, flat):
+        return 0.0
+    if not np.any(single.view(np.uint32) & 0xFFFF):
+        return 2.0 ** -8
+    with np.errstate(over="ignore"):
+        if np.array_equal(flat.astype(np.float16), flat):
+            return 2.0 ** -11
+    return 2.0 ** -24
 
 
 def complex_value_error(i, name, dtype=None):

@@ -11,6 +11,13 @@ import torch
 import optlayer
 
 
+def _compile_disabled(function):
+    """``function`` hidden from torch.compile (as it is where torch has no
+    torch.compiler.disable)."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return function if disable is None else disable(function)
+
+
 class Layer(torch.nn.Module):
     """A parametrized convex problem as a differentiable PyTorch module.
 
@@ -88,6 +95,9 @@ class Layer(torch.nn.Module):
         """The outputs' shapes (unbatched), in output order."""
         return self.core.output_shapes
 
+    # torch.compile calls the layer as it is (a graph break) instead of
+    # tracing the NumPy solve and adjoint inside.
+    @_compile_disabled
     def forward(self, *values):
         """Solve for the given parameter values.
 
@@ -101,6 +111,29 @@ class Layer(torch.nn.Module):
         """
         values = _unpack(values, len(self.core.parameters))
         names = self.core.compiled.param_names
+        if torch.jit.is_tracing():
+            raise NotImplementedError(
+                "optlayer_torch.Layer cannot be traced (torch.jit.trace, "
+                "torch.onnx.export): the solve runs in NumPy, so a trace "
+                "would record its outputs as constants. Call the module "
+                "directly (torch.compile, which treats it as an opaque "
+                "call, works too).")
+        if any(_is_dual(v) for v in values):
+            raise NotImplementedError(
+                "optlayer_torch.Layer has no forward-mode derivative "
+                "(torch.autograd.forward_ad): the solve runs in NumPy and "
+                "its tangent would be lost. Use reverse mode "
+                "(loss.backward(), torch.autograd.grad).")
+        for i, v in enumerate(values):
+            if v is None or (isinstance(v, (list, tuple)) and any(
+                    isinstance(e, torch.Tensor) for e in v)):
+                if v is not None:
+                    raise ValueError(
+                        f"Parameter {i} '{names[i]}': a list of tensors; "
+                        "pass one tensor (torch.stack the list), so that "
+                        "gradients can reach its entries.")
+                # The core's message for None.
+                self.core.batch_size(*values)
         if any(_is_transformed(v) for v in values):
             raise NotImplementedError(
                 "optlayer_torch.Layer does not support torch.func transforms "
@@ -173,8 +206,20 @@ class _SolveFunction(torch.autograd.Function):
         nones = (None, None, None)
         if not any(needs):
             return nones + (None,) * len(needs)
-        cotangents = [None if g is None else _to_float64(g)
-                      for g in grad_outputs]
+        try:
+            cotangents = [None if g is None else _to_float64(g)
+                          for g in grad_outputs]
+        except RuntimeError as error:
+            # Batched cotangents look like plain tensors here, but cannot
+            # leave torch: torch's vmap rejects the conversion.
+            if "atching rule" not in str(error):
+                raise
+            raise NotImplementedError(
+                "optlayer_torch.Layer cannot take batched cotangents "
+                "(torch.autograd.grad with is_grads_batched=True, "
+                "torch.autograd.functional.jacobian with vectorize=True): "
+                "its backward pass runs in NumPy. Call backward once per "
+                "cotangent (vectorize=False) instead.") from error
         grads = ctx.core.adjoint(ctx.arrays, ctx.state, cotangents,
                                  needs_grad=needs)
         result = []
@@ -201,6 +246,20 @@ try:
 except AttributeError:  # not in this torch version: nothing to detect
     def _is_functorch_wrapped(tensor):
         return False
+
+
+try:
+    from torch.autograd import forward_ad as _forward_ad
+except ImportError:  # pragma: no cover - part of every supported torch
+    _forward_ad = None
+
+
+def _is_dual(value):
+    """Whether ``value`` carries a forward-mode tangent."""
+    if (_forward_ad is None or not isinstance(value, torch.Tensor)
+            or getattr(_forward_ad, "_current_level", 0) < 0):
+        return False
+    return _forward_ad.unpack_dual(value).tangent is not None
 
 
 def _unpack(values, num_params):

@@ -292,6 +292,19 @@ def test_bounds_domain():
     small = optlayer.Layer(cp.Problem(cp.Minimize((y - q) ** 2)), [q], [y])
     (got,) = small(np.float32(0.1))
     np.testing.assert_allclose(got, np.float32(0.1), rtol=1e-9)
+    # So are float16 and bfloat16 values of a bound 0.3 (it rounds up in
+    # both); bfloat16 values arrive as float64 of 8 significant bits.
+    r = cp.Parameter(name="r", bounds=(0, 0.3))
+    third = optlayer.Layer(cp.Problem(cp.Minimize((y - r) ** 2)), [r], [y])
+    bf16 = np.array(np.float32(0.3).view(np.uint32) + 0x8000 & 0xFFFF0000,
+                    dtype=np.uint32).view(np.float32)
+    for value in (np.float16(0.3), bf16):
+        assert float(value) > 0.3
+        (got,) = third(np.float64(value))
+        np.testing.assert_allclose(got, float(value), rtol=1e-9)
+    # A float16 value beyond its rounding is not.
+    with pytest.raises(ValueError, match="outside its declared bounds"):
+        third(np.float64(np.float16(0.302)))
 
 
 @pytest.mark.parametrize("attribute, bad, words", [

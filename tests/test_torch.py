@@ -452,7 +452,72 @@ def test_torch_func_transforms_raise_a_clear_error():
     np.testing.assert_allclose(float(scale), float(x.sum()), rtol=1e-12)
 
 
+def test_tracing_forward_mode_and_batched_cotangents_raise():
+    # Each would otherwise lose the layer's dependence on its inputs
+    # silently (a trace records the outputs as constants; a forward-mode
+    # tangent is dropped) or fail with torch's internal messages.
+    import torch.autograd.forward_ad as fwad
+
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_torch.Layer(problem, params, variables)
+    A, b = _lsq_values(np.random.default_rng(35))
+    A_t, b_t = torch.tensor(A), torch.tensor(b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch's own
+        with pytest.raises(NotImplementedError, match="cannot be traced"):
+            torch.jit.trace(layer, (A_t, b_t))
+    with fwad.dual_level():
+        dual = fwad.make_dual(b_t, torch.ones_like(b_t))
+        with pytest.raises(NotImplementedError, match="no forward-mode"):
+            layer(A_t, dual)
+    b_g = b_t.clone().requires_grad_()
+    (x,) = layer(A_t, b_g)
+    with pytest.raises(NotImplementedError, match="batched cotangents"):
+        torch.autograd.grad(x, [b_g], torch.eye(3, dtype=torch.float64),
+                            is_grads_batched=True)
+    # The unbatched Jacobian works and equals the core's, row by row.
+    jac = torch.autograd.functional.jacobian(lambda b_: layer(A_t, b_)[0],
+                                             b_t)
+    for k in range(3):
+        (_, row) = layer.core.vjp([A, b], [np.eye(3)[k]])
+        np.testing.assert_allclose(jac[k].numpy(), row, rtol=RTOL_CORE,
+                                   atol=ATOL_CORE)
+
+
+def test_torch_compile_calls_the_layer_as_it_is():
+    # torch.compile must not trace the NumPy solve (a graph break instead):
+    # values and gradients as eager.
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_torch.Layer(problem, params, variables)
+    A, b = _lsq_values(np.random.default_rng(36), batch=3)
+    A_t = torch.tensor(A)
+
+    def loss(b_):
+        return (layer(A_t, b_)[0] ** 2).sum()
+
+    compiled = torch.compile(loss, backend="eager")
+    b_c = torch.tensor(b, requires_grad=True)
+    b_e = torch.tensor(b, requires_grad=True)
+    value_c, value_e = compiled(b_c), loss(b_e)
+    value_c.backward()
+    value_e.backward()
+    np.testing.assert_allclose(value_c.item(), value_e.item(), rtol=1e-10)
+    np.testing.assert_allclose(b_c.grad.numpy(), b_e.grad.numpy(),
+                               rtol=RTOL_CORE, atol=ATOL_CORE)
+
+
 # -- errors -------------------------------------------------------------------
+
+
+def test_none_and_lists_of_tensors_get_clear_errors():
+    problem, params, variables = _nonneg_lsq()
+    layer = optlayer_torch.Layer(problem, params, variables)
+    A, b = _lsq_values(np.random.default_rng(37))
+    with pytest.raises(ValueError, match=r"Parameter 1 .*the value is None"):
+        layer(torch.tensor(A), None)
+    with pytest.raises(ValueError, match=r"Parameter 1 .*a list of tensors"
+                                         r".*torch.stack"):
+        layer(torch.tensor(A), [torch.tensor(v) for v in b])
 
 
 def test_shape_error_is_the_core_error():
