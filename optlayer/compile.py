@@ -288,14 +288,56 @@ def _owning_constraint(problem, var):
     return None
 
 
+def _forward_value(chain, param, value):
+    """The reduced parameters' values for ``param``'s value (raveled in
+    column-major order), through every reduction of ``chain``."""
+    values = {param.id: value}
+    for reduction in chain.reductions:
+        values = reduction.param_forward(values)
+    return {pid: np.asarray(v, dtype=float).ravel(order="F")
+            for pid, v in values.items()}
+
+
+def _selection(chain, param):
+    """How the reductions map ``param`` when they only select its entries
+    (the upper triangle of a symmetric matrix, a diagonal, a sparsity
+    pattern): for each reduced parameter, the index of the entry each of
+    its entries comes from (-1 for a constant zero); None when the map is
+    not such a selection.
+
+    Two probes decide: the values 1, 2, ..., size name the entries, and
+    random values check that the outputs are those entries' values.
+    """
+    size = param.size
+    names = _forward_value(chain, param, np.arange(
+        1.0, size + 1.0).reshape(param.shape, order="F"))
+    check = np.random.default_rng(0).uniform(1.0, 2.0, size)
+    checked = _forward_value(chain, param,
+                             check.reshape(param.shape, order="F"))
+    if names.keys() != checked.keys():
+        return None
+    selected = {}
+    for pid, value in names.items():
+        src = np.rint(value).astype(np.int64) - 1
+        if (not np.array_equal(src + 1.0, value) or src.size == 0
+                or src.min() < -1 or src.max() >= size):
+            return None
+        expect = np.where(src >= 0, check[np.maximum(src, 0)], 0.0)
+        if not np.array_equal(checked[pid], expect):
+            return None
+        selected[pid] = src
+    return selected
+
+
 def _param_map(chain, parameters, param_prob):
     """Sparse map S from the layer's theta to the canonical parameter vector.
 
     Most parameters reach the cone program unchanged (an identity block).
-    Parameters with dimension-reducing attributes (symmetric, PSD, ...)
-    are replaced by smaller ones during canonicalization; the reductions'
-    ``param_forward`` gives the (linear) map, which is probed column by
-    column.
+    Parameters with dimension-reducing attributes (symmetric, PSD, diag,
+    a sparsity pattern) are replaced by smaller ones during
+    canonicalization; the reductions' ``param_forward`` gives the (linear)
+    map. Where it selects entries (see :func:`_selection`) two probes give
+    it; otherwise it is probed column by column (size^2 work).
     """
     sizes = [p.size for p in parameters]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
@@ -308,6 +350,25 @@ def _param_map(chain, parameters, param_prob):
             rows.extend(col + np.arange(param.size))
             cols.extend(offset + np.arange(param.size))
             vals.extend(np.ones(param.size))
+            continue
+        selected = _selection(chain, param)
+        if selected is not None:
+            # Entry k of a reduced parameter is entry src[k] of this one
+            # (its symmetric part's, for a symmetric one).
+            for pid, src in selected.items():
+                col = param_prob.param_id_to_col[pid]
+                k = np.flatnonzero(src >= 0)
+                e = src[k]
+                if symmetric:
+                    rows_ = param.shape[0]
+                    e_t = (e % rows_) * rows_ + e // rows_
+                    k, e = np.concatenate([k, k]), np.concatenate([e, e_t])
+                    weight = np.full(k.size, 0.5)
+                else:
+                    weight = np.ones(k.size)
+                rows.extend(col + k)
+                cols.extend(offset + e)
+                vals.extend(weight)
             continue
         for k in range(param.size):
             delta = np.zeros(param.size)

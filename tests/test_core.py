@@ -1939,3 +1939,30 @@ def test_layer_works_in_a_forked_child_after_using_its_threads():
     assert not hung, "the layer hung in the forked child"
     assert process.exitcode == 0
     np.testing.assert_allclose(queue.get(timeout=10), expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("attributes", [
+    {"symmetric": True}, {"PSD": True}, {"NSD": True}, {"diag": True},
+    {"sparsity": ([0, 1, 3, 2, 1], [0, 2, 1, 3, 1])},
+])
+def test_reduced_parameter_maps_found_by_two_probes_equal_the_full_probe(
+        attributes, monkeypatch):
+    # Parameters that canonicalization replaces by a selection of their
+    # entries are mapped from two probes instead of one per entry; the map
+    # must be the same.
+    from optlayer import compile as compile_module
+
+    S = cp.Parameter((4, 4), **attributes)
+    b = cp.Parameter(4)
+    x = cp.Variable(4)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(S @ x - b)), [x >= 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # sparse .value
+        data, chain, _ = problem.get_problem_data(cp.SCS)
+    param_prob = data[cp.settings.PARAM_PROB]
+    assert compile_module._selection(chain, S) is not None
+    fast, _ = compile_module._param_map(chain, [S, b], param_prob)
+    monkeypatch.setattr(compile_module, "_selection", lambda *args: None)
+    slow, _ = compile_module._param_map(chain, [S, b], param_prob)
+    assert fast.shape == slow.shape
+    assert abs(fast - slow).max() == 0.0
