@@ -605,13 +605,24 @@ def compile_problem(problem, parameters, variables, presolve=True,
     # Constraints: param_prob.A @ theta is [A_cvx | b_cvx] flattened
     # column-major, with constraints A_cvx x + b_cvx in K. SCS form
     # A x + s = b has A = -A_cvx, b = b_cvx.
-    TA_full = sp.csr_matrix(param_prob.A) @ S
-    m = TA_full.shape[0] // (n + 1)
-    T_b = sp.csr_matrix(TA_full[n * m:])
-    TA = sp.csr_matrix(-TA_full[:n * m])
+    # Only its nonzero rows are mapped: it has m (n + 1) rows, over 1e8
+    # for a program with 1e4 variables and constraints.
+    A_coo = sp.coo_matrix(param_prob.A)
+    m = A_coo.shape[0] // (n + 1)
+    live, compact = np.unique(A_coo.row, return_inverse=True)
+    T_live = sp.csr_matrix(sp.csr_matrix(
+        (A_coo.data, (compact.ravel(), A_coo.col)),
+        shape=(live.size, A_coo.shape[1])) @ S)
+    in_b = live >= n * m
+    b_part = sp.coo_matrix(T_live[np.flatnonzero(in_b)])
+    T_b = sp.csr_matrix((b_part.data, (live[in_b][b_part.row] - n * m,
+                                       b_part.col)),
+                        shape=(m, S.shape[1]))
+    TA = sp.csr_matrix(-T_live[np.flatnonzero(~in_b)])
     TA.eliminate_zeros()
-    pattern = np.flatnonzero(np.diff(TA.indptr))  # column-major positions
-    T_A = sp.csr_matrix(TA[pattern])
+    kept = np.flatnonzero(np.diff(TA.indptr))    # drop cancelled entries
+    pattern = live[~in_b][kept]                  # column-major positions
+    T_A = sp.csr_matrix(TA[kept])
     rows, cols = pattern % m, pattern // m
 
     # Quadratic objective (1/2) x'Px: param_prob.P @ theta is the full
