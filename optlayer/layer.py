@@ -126,8 +126,10 @@ class Layer:
             ``optlayer.presolve``); the results are the same either way.
         refine: polish each solution by Newton steps on the cone program's
             residual map (``optlayer.refine``) to a relative KKT residual of
-            about 1e-12, for programs small enough for dense linear
-            algebra (n + m + 1 <= 400). SCS then only needs to reach 1e-4
+            about 1e-12: stacked dense steps for programs with n + m + 1
+            <= 400, a sparse LU per step and element for larger ones
+            (which do not start Newton steps from the origin and do not
+            extrapolate warm starts). SCS then only needs to reach 1e-4
             (the default eps_abs/eps_rel in this mode; its first pass goes
             to 1e-6 on cones with curved blocks); an element that does
             not refine takes more Newton steps, then is solved again by
@@ -179,7 +181,10 @@ class Layer:
         # Whether the solver's matrix A is the same for every theta.
         cp_ = self.compiled
         N = cp_.n + cp_.m + 1
-        self.refine = bool(refine) and N <= _adjoint.REFINE_LIMIT
+        self.refine = bool(refine)
+        # Larger programs take Newton steps one element at a time, with a
+        # sparse LU.
+        self._sparse_refine = self.refine and N > _adjoint.REFINE_LIMIT
         options = dict(_solve.DEFAULT_SOLVER_OPTIONS)
         if self.refine:
             options.update(_solve.REFINED_SOLVER_OPTIONS)
@@ -209,7 +214,7 @@ class Layer:
         self._previous_solution = None
         # Whether Newton steps from the origin solve this problem; None
         # until the first call without a start point has tried.
-        self._cold_newton = None
+        self._cold_newton = False if self._sparse_refine else None
         self._data_cache = None
         self._last_layout = None
         self._pool = None
@@ -829,7 +834,10 @@ class Layer:
         """The better, per element, of the last solution and its linear
         extrapolation from the one before (parameters that moved by similar
         steps in the last two calls, as in a training loop with momentum,
-        tend to move on in the same direction)."""
+        tend to move on in the same direction). Larger programs (sparse
+        refinement) keep the last solution."""
+        if self._sparse_refine:
+            return last
         dims = self.compiled.dims
         rows, cols = self.compiled.A_indices, self._A_cols
         X1, V1 = last[0], last[1] - last[2]
@@ -858,9 +866,26 @@ class Layer:
 
     def _refine_chunks(self, Av, Bv, C, Pv, X, Y, S, max_steps=6,
                        give_up=None):
-        """Refine the batch in chunks on the thread pool."""
+        """Refine the batch in chunks on the thread pool (larger programs
+        element by element, with sparse LUs)."""
         cp_ = self.compiled
         batch = X.shape[0]
+        if self._sparse_refine:
+            def one(i):
+                A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
+                                      (cp_.m, cp_.n))
+                P = self._quad(Pv[i:i + 1])
+                if P is not None:
+                    P = P._replace(values=P.values[0])
+                return _refine.refine_sparse(
+                    A, Bv[i], C[i], X[i], Y[i], S[i], cp_.dims,
+                    max_steps=max_steps, give_up=give_up, P=P)
+
+            results = self._map(one, range(batch))
+            shapes = ((batch, cp_.n), (batch, cp_.m), (batch, cp_.m),
+                      (batch,))
+            return tuple(np.array([r[k] for r in results]).reshape(shape)
+                         for k, shape in enumerate(shapes))
         rows, cols = cp_.A_indices, self._A_cols
         N = cp_.n + cp_.m + 1
         step = max(1, int(_DENSE_CHUNK_BYTES // (8 * 3 * (N + 1) ** 2)))
@@ -911,8 +936,15 @@ class Layer:
             logger.info("%d of %d elements solved again at tight tolerance",
                         failed.size, batch)
             tight = _solve.DEFAULT_SOLVER_OPTIONS["eps_abs"]
+            # Each element's point so far is a candidate too (where every
+            # SCS run below ends inaccurate, it may be the best).
+            candidates = [[(X[i].copy(), Y[i].copy(), S[i].copy(),
+                            _solve.SOLVED_INACCURATE,
+                            "refinement did not converge")] for i in failed]
             results = self._resolve(Av, Bv, C, Pv, X, Y, S, failed, tight,
                                     raw=True)
+            for k, r in enumerate(results):
+                candidates[k].append(r)
             # From a point SCS could not finish from, a cold start
             # sometimes does (badly scaled data).
             again = [k for k, r in enumerate(results)
@@ -921,19 +953,21 @@ class Layer:
                 cold = self._resolve(Av, Bv, C, Pv, X, Y, S, failed[again],
                                      tight, raw=True, warm=False)
                 for k, r in zip(again, cold):
-                    if r[3] == _solve.SOLVED:
-                        results[k] = r
+                    candidates[k].append(r)
             # SCS's Anderson acceleration occasionally stalls it (a norm
-            # bound of 1e-6: 100,000 iterations with it, 400 without).
-            again = [k for k, r in enumerate(results)
-                     if r[3] != _solve.SOLVED]
+            # bound of 1e-6: 100,000 iterations with it, 400 without; a
+            # degenerate 1,000-variable LP: KKT residual 0.1 with it, 2e-9
+            # without).
+            again = [k for k, c in enumerate(candidates)
+                     if all(r[3] != _solve.SOLVED for r in c)]
             if again:
                 plain = self._resolve(Av, Bv, C, Pv, X, Y, S, failed[again],
                                       tight, raw=True, warm=False,
                                       extra=_NO_ACCELERATION)
                 for k, r in zip(again, plain):
-                    if r[3] == _solve.SOLVED:
-                        results[k] = r
+                    candidates[k].append(r)
+            results = [self._best_candidate(Av, Bv, C, Pv, i, c)
+                       for i, c in zip(failed, candidates)]
             for i, r in zip(failed, results):
                 X[i], Y[i], S[i] = r[0], r[1], r[2]
             # The last resort: an inaccurate answer here is accepted (with
@@ -966,6 +1000,26 @@ class Layer:
         X[ok], Y[ok], S[ok] = Xf[done], Yf[done], Sf[done]
         return failed[~done]
 
+    def _best_candidate(self, Av, Bv, C, Pv, i, candidates):
+        """Of element i's results (x, y, s, status, text): the first SCS
+        solved, else the inaccurate one with the smallest KKT residual
+        (the SCS runs of the last resort can end far apart), else the
+        last one (failed statuses)."""
+        solved = [r for r in candidates if r[3] == _solve.SOLVED]
+        if solved:
+            return solved[0]
+        inaccurate = [r for r in candidates
+                      if r[3] == _solve.SOLVED_INACCURATE]
+        if not inaccurate:
+            return candidates[-1]
+        sl = slice(i, i + 1)
+        residuals = [self._inaccurate_residuals(
+            Av[sl], Bv[sl], C[sl], Pv[sl], r[0][None], r[1][None],
+            r[2][None], [r[3]])[0] for r in inaccurate]
+        logger.debug("element %d: residuals of its inaccurate results %s",
+                     i, residuals)
+        return inaccurate[int(np.argmin(residuals))]
+
     def _inaccurate_residuals(self, Av, Bv, C, Pv, X, Y, S, status_vals):
         """Relative KKT residuals (with the distance of y and s from their
         cones) of the elements SCS reported as inaccurate; 0 for others."""
@@ -976,8 +1030,7 @@ class Layer:
             return out
         cp_ = self.compiled
         kkt = _refine.residual(Av[k], cp_.A_indices, self._A_cols, Bv[k],
-                               C[k], X[k], Y[k], S[k],
-                               Pq=_reduced.dense_P(self._quad(Pv[k]), cp_.n))
+                               C[k], X[k], Y[k], S[k], P=self._quad(Pv[k]))
         scale = 1.0 + np.maximum(np.abs(Y[k]).max(axis=1, initial=0.0),
                                  np.abs(S[k]).max(axis=1, initial=0.0))
         cone = _refine._cone_residual(Y[k], S[k], cp_.dims) / scale

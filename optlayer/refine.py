@@ -24,6 +24,8 @@ is for small programs.
 """
 
 import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
 
 from optlayer import adjoint as _adjoint
 from optlayer import cones
@@ -31,7 +33,7 @@ from optlayer import reduced as _reduced
 
 
 def residual(Av, rows, cols, Bv, C, X, Y, S, Ad=None, shared=False,
-             Pq=None):
+             Pq=None, P=None):
     """The KKT residuals of each element, relative to the data's scale.
 
     Returns the largest of the primal residual ||Ax + s - b||, the dual
@@ -39,7 +41,8 @@ def residual(Av, rows, cols, Bv, C, X, Y, S, Ad=None, shared=False,
     each divided by 1 + the size of the data it involves (infinity
     norms). ``Ad``, the (B, m, n) dense A if the caller has it, makes the
     products cheaper (``shared``: it is the same for every element);
-    ``Pq``: the (B, n, n) quadratic term of the objective, if any.
+    ``Pq``: the (B, n, n) quadratic term of the objective, if any, or
+    ``P``: the same as a ``reduced.Quadratic`` (for large n).
     """
     if Ad is not None:
         Ax = _reduced.matvec(Ad, X, shared)
@@ -49,7 +52,12 @@ def residual(Av, rows, cols, Bv, C, X, Y, S, Ad=None, shared=False,
         np.add.at(Ax.T, rows, (Av * X[:, cols]).T)
         ATy = np.zeros_like(X)
         np.add.at(ATy.T, cols, (Av * Y[:, rows]).T)
-    F1, xPx = _with_quadratic(ATy + C, X, Pq)
+    if Pq is None and P is not None:
+        Px = np.zeros_like(X)
+        np.add.at(Px.T, P.rows, (P.values * X[:, P.cols]).T)
+        F1, xPx = ATy + C + Px, np.einsum("bi,bi->b", X, Px)
+    else:
+        F1, xPx = _with_quadratic(ATy + C, X, Pq)
     return _relative(F1, Bv - Ax - S, Bv, C, X, Y, xPx)
 
 
@@ -293,3 +301,103 @@ def _bordered_step(Av, rows, cols, Bv, C, X, V, dims):
     Zn = Zn / np.where(good, w, 1.0)[:, None]
     Zn[~good] = np.nan
     return Zn[:, :n], Zn[:, n:n + m]
+
+
+# Relative residual of a sparse Newton solve above which the step is not
+# taken (J numerically singular: a degenerate program).
+_SPARSE_SOLVE_TOL = 1e-9
+
+
+def _sparse_step(J, rhs):
+    """J d = rhs by a sparse LU; where J is singular (non-unique auxiliary
+    variables, say), by the LU of J + delta I (nonsingular, see
+    ``reduced._solve_regularized``) and rounds of iterative refinement
+    against J. None if the result misses the residual check (an
+    inconsistent system)."""
+    target = _SPARSE_SOLVE_TOL * np.linalg.norm(rhs)
+
+    def good(d):
+        return (d is not None and np.all(np.isfinite(d))
+                and np.linalg.norm(J @ d - rhs) <= target)
+
+    d = None
+    try:
+        d = spla.splu(J).solve(rhs)
+    except RuntimeError:   # exactly singular
+        pass
+    if good(d):
+        return d
+    delta = _reduced._REG * (1.0 + np.abs(J.data).max(initial=0.0))
+    try:
+        lu = spla.splu(sp.csc_matrix(
+            J + delta * sp.identity(J.shape[0], format="csc")))
+    except RuntimeError:  # pragma: no cover - J + delta I is nonsingular
+        return None
+    d = lu.solve(rhs)
+    for _ in range(3):
+        if good(d):
+            return d
+        d = d + lu.solve(rhs - J @ d)
+    return d if good(d) else None
+
+
+def refine_sparse(A, b, c, x, y, s, dims, tol=1e-12, max_steps=6,
+                  give_up=None, P=None):
+    """Newton refinement of one program's solution with a sparse LU of J.
+
+    For programs too large for the stacked dense steps of :func:`refine`:
+    the same iteration (full steps on F(x, v) = 0, the best point kept),
+    each step a sparse LU of J = [[P, A'D], [-A, I - D]]. Where J is
+    singular (a degenerate program) the iteration stops; the caller
+    solves such elements otherwise.
+
+    Args:
+        A: (m, n) CSC constraint matrix.
+        b, c: the data vectors.
+        x, y, s: the starting point.
+        dims: the cone.
+        tol, max_steps, give_up: as for :func:`refine`.
+        P: the objective's quadratic term for this program (a
+            ``reduced.Quadratic`` whose values are one-dimensional), or
+            None.
+
+    Returns:
+        (x, y, s, res): the best point and its relative KKT residual.
+    """
+    m, n = A.shape
+    Pq = None if P is None else sp.csc_matrix(
+        (P.values, (P.rows, P.cols)), shape=(n, n))
+    AT = sp.csc_matrix(A.T)
+    eye = sp.identity(m, format="csc")
+
+    def at(x, v):
+        yv = cones.project(v, dims, dual=True)
+        F1 = AT @ yv + c
+        xPx = None
+        if Pq is not None:
+            Px = Pq @ x
+            F1 = F1 + Px
+            xPx = np.array([x @ Px])
+        F2 = b - A @ x - (yv - v)
+        res = _relative(F1[None], F2[None], b[None], c[None], x[None],
+                        yv[None], xPx)[0]
+        return yv, F1, F2, res
+
+    v = y - s
+    yv, F1, F2, res = at(x, v)
+    best = (x, yv, yv - v, res)
+    for step in range(max_steps):
+        if best[3] <= tol or (give_up is not None and step == give_up[0]
+                              and not res <= give_up[1]):
+            break
+        D = cones.dproject(v, dims, dual=True)
+        J = sp.bmat([[Pq, AT @ D], [-A, eye - D]], format="csc")
+        rhs = -np.concatenate([F1, F2])
+        d = _sparse_step(J, rhs)
+        if d is None:
+            break
+        x, v = x + d[:n], v + d[n:]
+        yv, F1, F2, res = at(x, v)
+        if res < best[3]:
+            best = (x, yv, yv - v, res)
+    return best

@@ -1966,3 +1966,131 @@ def test_reduced_parameter_maps_found_by_two_probes_equal_the_full_probe(
     slow, _ = compile_module._param_map(chain, [S, b], param_prob)
     assert fast.shape == slow.shape
     assert abs(fast - slow).max() == 0.0
+
+
+def _mpc_problem(horizon=10):
+    """A soft-constrained MPC problem with n + m + 1 > 400 (the programs
+    refined with sparse LUs)."""
+    nx, nu = 4, 2
+    A = cp.Parameter((nx, nx))
+    B = cp.Parameter((nx, nu))
+    x0 = cp.Parameter(nx)
+    x = cp.Variable((nx, horizon + 1))
+    u = cp.Variable((nu, horizon))
+    e = cp.Variable((nx, horizon + 1), nonneg=True)
+    cost = 0
+    constraints = [x[:, 0] == x0]
+    for i in range(horizon + 1):
+        cost += cp.sum_squares(x[:, i]) + 10 * cp.sum(e[:, i])
+        constraints.append(cp.abs(x[:, i]) <= 2 + e[:, i])
+        if i < horizon:
+            cost += cp.sum_squares(u[:, i])
+            constraints += [x[:, i + 1] == A @ x[:, i] + B @ u[:, i],
+                            cp.abs(u[:, i]) <= 1]
+    return cp.Problem(cp.Minimize(cost), constraints), [A, B, x0], [u]
+
+
+def test_large_programs_are_refined_with_sparse_steps():
+    # n + m + 1 = 573: Newton steps with sparse LUs polish SCS's point
+    # (its Jacobian is singular there, so the regularized solve is used).
+    # The solution must match Clarabel and, warm-started from a nearby
+    # call, a cold solve, both to 1e-9 (the polished relative KKT
+    # residual is about 1e-14; before, SCS alone at 1e-10 left 1e-8).
+    problem, params, variables = _mpc_problem()
+    rng = np.random.default_rng(1)
+    values = [np.eye(4) + 0.1 * rng.standard_normal((4, 4)),
+              rng.standard_normal((4, 2)), 5 * rng.standard_normal(4)]
+    cold = optlayer.Layer(problem, params, variables, warm_start=False)
+    warm = optlayer.Layer(problem, params, variables)
+    assert cold.compiled.n + cold.compiled.m + 1 > \
+        optlayer.adjoint.REFINE_LIMIT
+    (u_cold,) = cold(*values)
+    for p, v in zip(params, values):
+        p.value = v
+    problem.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12,
+                  tol_feas=1e-12)
+    np.testing.assert_allclose(u_cold, variables[0].value, atol=1e-9)
+    warm(*values)
+    for _ in range(3):
+        nearby = values[:2] + [values[2] + 1e-7 * rng.standard_normal(4)]
+        warm(*nearby)
+        (u_warm,) = warm(*values)
+        np.testing.assert_allclose(u_warm, u_cold, atol=1e-9)
+
+
+def test_sparse_refinement_step_equals_the_dense_one():
+    # From the same start point, sparse and dense Newton steps follow the
+    # same iteration: the same point to rounding (1e-10 over two steps of
+    # a well-conditioned small program).
+    from optlayer import refine as refine_module
+    from optlayer import solve as solve_module
+
+    case = get_case("socp")
+    problem, params, variables = case.build()
+    layer = optlayer.Layer(problem, params, variables, warm_start=False)
+    cp_ = layer.compiled
+    values = make_inputs(case, _rng("sparse_step"), None)
+    _, _, theta = layer._prepare(layer._as_arrays(values))
+    Av, Bv, C, _, _, Pv = layer._data(theta)
+    X, Y, S, _, _ = layer._solve_element(Av, Bv, C, Pv, 0,
+                                         layer._first_options)
+    dense = refine_module.refine(Av, cp_.A_indices, layer._A_cols, Bv, C,
+                                 X[None], Y[None], S[None], cp_.dims,
+                                 max_steps=2, tol=0.0)
+    A = solve_module.assemble_A(Av[0], cp_.A_indices, cp_.A_indptr,
+                                (cp_.m, cp_.n))
+    sparse = refine_module.refine_sparse(A, Bv[0], C[0], X, Y, S, cp_.dims,
+                                         max_steps=2, tol=0.0)
+    for k in range(3):
+        np.testing.assert_allclose(sparse[k], dense[k][0], atol=1e-10)
+    assert sparse[3] <= 1e-12
+
+
+def test_last_resort_keeps_the_most_accurate_inaccurate_result():
+    # Where no SCS run of the last resort solves an element, the
+    # inaccurate result closest to optimal (smallest KKT residual) is
+    # kept, not the first; a solved one always wins.
+    from optlayer import solve as solve_module
+
+    case = get_case("lp")
+    problem, params, variables = case.build()
+    layer = optlayer.Layer(problem, params, variables, warm_start=False)
+    values = make_inputs(case, _rng("best_candidate"), 1)
+    _, state = layer.solve(*values)
+    _, _, theta = layer._prepare(layer._as_arrays(values))
+    Av, Bv, C, _, _, Pv = layer._data(theta)
+    X, Y, S = (a[0] for a in state)
+    inaccurate = solve_module.SOLVED_INACCURATE
+    far = (X + 0.1, Y, S, inaccurate, "far")
+    near = (X + 1e-7, Y, S, inaccurate, "near")
+    failed = (X, Y, S, -2, "infeasible")
+    best = layer._best_candidate(Av, Bv, C, Pv, 0, [far, failed, near])
+    assert best[4] == "near"
+    solved = (X + 0.1, Y, S, solve_module.SOLVED, "solved")
+    best = layer._best_candidate(Av, Bv, C, Pv, 0, [near, solved])
+    assert best[4] == "solved"
+    assert layer._best_candidate(Av, Bv, C, Pv, 0, [failed])[4] == \
+        "infeasible"
+
+
+def test_residual_with_a_sparse_quadratic_term_equals_the_dense_one():
+    from optlayer import reduced as reduced_module
+    from optlayer import refine as refine_module
+
+    case = get_case("qp")
+    problem, params, variables = case.build()
+    layer = optlayer.Layer(problem, params, variables, warm_start=False)
+    cp_ = layer.compiled
+    assert cp_.has_P
+    values = make_inputs(case, _rng("sparse_quadratic"), 3)
+    _, (X, Y, S) = layer.solve(*values)
+    _, _, theta = layer._prepare(layer._as_arrays(values))
+    Av, Bv, C, _, _, Pv = layer._data(theta)
+    X = X + 1e-3      # away from the solution: the terms matter
+    P = layer._quad(Pv)
+    args = (Av, cp_.A_indices, layer._A_cols, Bv, C, X, Y, S)
+    dense = refine_module.residual(
+        *args, Pq=reduced_module.dense_P(P, cp_.n))
+    sparse = refine_module.residual(*args, P=P)
+    np.testing.assert_allclose(sparse, dense, rtol=1e-12)
+    assert np.all(dense > 1e-6)
