@@ -144,8 +144,10 @@ def _quad_form_hint(problem):
         for e in _expressions(root):
             if isinstance(e, QuadForm) and \
                     e.args[1].parameters():
-                return (" quad_form(x, P) with a parameter P is not DPP: "
-                        "write it as sum_squares(L @ x) with a parameter L "
+                return (" quad_form(x, P) with a parameter P is DPP only "
+                        "in the objective with quadratic_objective=True; "
+                        "otherwise write it as sum_squares(L @ x) with a "
+                        "parameter L "
                         "such that P = L'L (e.g. L = cholesky(P)', or the "
                         "matrix square root of P).")
     return ""
@@ -168,7 +170,26 @@ def as_list(items):
     return list(items)
 
 
-def _check_arguments(problem, parameters, variables):
+def _dpp_with_quad_form(problem):
+    """Whether the problem is DPP once quad_form(x, P) with a parameter P
+    counts as DPP, as CVXPY counts it when the quadratic form stays the
+    objective's quadratic term (P enters it affinely); only objectives
+    qualify (in a constraint it becomes a cone constraint, where it is not
+    DPP)."""
+    try:
+        from cvxpy.utilities.scopes import quad_form_dpp_scope
+    except ImportError:  # pragma: no cover - older CVXPY
+        return False
+    for constraint in problem.constraints:
+        for e in _expressions(constraint):
+            if isinstance(e, QuadForm) and e.args[1].parameters():
+                return False
+    with quad_form_dpp_scope():
+        return problem.is_dpp()
+
+
+def _check_arguments(problem, parameters, variables,
+                     quadratic_objective=True):
     """Raise ValueError with a remedy for every malformed argument."""
     if not isinstance(problem, cp.Problem):
         raise ValueError(
@@ -213,7 +234,8 @@ def _check_arguments(problem, parameters, variables):
             "write the problem in terms of their real and imaginary parts "
             "as separate real parameters and variables."
         )
-    if not problem.is_dpp():
+    if not problem.is_dpp() and not (
+            quadratic_objective and _dpp_with_quad_form(problem)):
         raise ValueError(
             "The problem is not DPP (disciplined parametrized programming): "
             f"{_not_dpp_parts(problem)}. Rewrite it so that parameters "
@@ -540,7 +562,8 @@ def compile_problem(problem, parameters, variables, presolve=True,
             parameters are not exactly the problem's, or an output is not
             part of the problem.
     """
-    parameters, variables = _check_arguments(problem, parameters, variables)
+    parameters, variables = _check_arguments(problem, parameters, variables,
+                                             quadratic_objective)
     not_dpp = ValueError(
         "CVXPY compiles this problem as not DPP for a cone solver, although "
         "problem.is_dpp() is True (a parameter inside a quadratic form, "

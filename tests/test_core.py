@@ -1497,7 +1497,24 @@ def _cone_layer(name):
                           quadratic_objective=False, **case.layer_kwargs)
 
 
-QUADRATIC_CASES = [c for c in CASES if _quadratic_layer(c.name).compiled.has_P]
+# quad_form(x, P) with a parameter P exists only as a quadratic term
+# (its cone form is not DPP; see the test below).
+QUADRATIC_CASES = [c for c in CASES if _quadratic_layer(c.name).compiled.has_P
+                   and "quadratic_only" not in c.tags]
+
+
+def test_quad_form_of_a_parameter_needs_the_quadratic_objective():
+    problem, params, variables = get_case("quad_form_param").build()
+    assert optlayer.Layer(problem, params, variables).compiled.has_P
+    with pytest.raises(ValueError, match=r"not DPP.*quad_form\(x, P\) "
+                                         r"with a parameter P is DPP only "
+                                         r"in the objective"):
+        optlayer.Layer(problem, params, variables, quadratic_objective=False)
+    x = variables[0]
+    P, q = params
+    in_constraint = cp.Problem(cp.Minimize(q @ x), [cp.quad_form(x, P) <= 1])
+    with pytest.raises(ValueError, match="DPP only in the objective"):
+        optlayer.Layer(in_constraint, params, variables)
 
 
 def test_quadratic_cases_exist():

@@ -577,6 +577,45 @@ def _scalar_out_closed_form_grad(values, cotangents):
     return (grad_p, grad_q)
 
 
+# -- quad_form_param: min (1/2) x'Px + q'x s.t. x >= -10, P a PSD parameter ---
+# The bound stays inactive (accept): x = -P^{-1} q. The layer reads P's
+# symmetric part, so the gradient of w'x in P is the symmetric part of
+# -(P^{-1} w) x'; in q it is -P^{-1} w.
+
+
+def _quad_form_build():
+    x = cp.Variable(3, name="x")
+    P = _param((3, 3), "P", PSD=True)
+    q = _param(3, "q")
+    problem = cp.Problem(cp.Minimize(0.5 * cp.quad_form(x, P) + q @ x),
+                         [x >= -10])
+    return problem, [P, q], [x]
+
+
+def _quad_form_sample(rng):
+    M = rng.normal(size=(3, 3))
+    return [M @ M.T / 3 + np.eye(3), rng.normal(size=3)]
+
+
+def _quad_form_accept(values):
+    P, q = values
+    return bool(np.all(-np.linalg.solve(P, q) > -10 + 1.0))
+
+
+def _quad_form_closed_form(values):
+    P, q = values
+    return (-np.linalg.solve(P, q),)
+
+
+def _quad_form_closed_form_grad(values, cotangents):
+    P, q = values
+    (w,) = cotangents
+    x = -np.linalg.solve(P, q)
+    u = np.linalg.solve(P, w)
+    G = -np.outer(u, x)
+    return ((G + G.T) / 2, -u)
+
+
 def _tags(*names):
     return frozenset(names)
 
@@ -627,6 +666,12 @@ CASES = [
          closed_form=_scalar_out_closed_form,
          closed_form_grad=_scalar_out_closed_form_grad,
          accept=_scalar_out_accept),
+    Case("quad_form_param", _tags("qp", "symmetric", "quadratic_only"),
+         _quad_form_build,
+         _quad_form_sample, (True, False),
+         closed_form=_quad_form_closed_form,
+         closed_form_grad=_quad_form_closed_form_grad,
+         accept=_quad_form_accept),
 ]
 
 _BY_NAME = {case.name: case for case in CASES}
