@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import logging
+import math
 import os
 import threading
 import warnings
@@ -1088,6 +1089,9 @@ class Layer:
             )
         arrays = []
         for i, value in enumerate(values):
+            if type(value) is np.ndarray and value.dtype == np.float64:
+                arrays.append(value)  # the common case, nothing to check
+                continue
             name = self.compiled.param_names[i]
             if value is None:
                 raise ValueError(f"Parameter {i} '{name}': the value is "
@@ -1303,9 +1307,10 @@ def _fits(shape, expected):
 def _vec_f(arr, batched):
     """Flatten column-major, per batch element if batched."""
     if batched:
-        axes = (0,) + tuple(range(arr.ndim - 1, 0, -1))
-        return np.ascontiguousarray(arr.transpose(axes)).reshape(
-            arr.shape[0], int(np.prod(arr.shape[1:])))
+        # Column-major over the whole array keeps each element's entries
+        # together, in that element's column-major order.
+        return arr.reshape((arr.shape[0], math.prod(arr.shape[1:])),
+                           order="F")
     return arr.reshape(-1, order="F")
 
 
