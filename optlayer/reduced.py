@@ -775,7 +775,8 @@ _REG = 1e-10
 _REG_ROUNDS = 10
 
 
-def _solve_regularized(K, rhs, n=None, flags=None, rounds=1):
+def _solve_regularized(K, rhs, n=None, flags=None, rounds=1,
+                       rejected=False):
     """Stacked solve that also gives a step where K is singular.
 
     Where K is (numerically) singular, e.g. a variable that only an
@@ -800,12 +801,17 @@ def _solve_regularized(K, rhs, n=None, flags=None, rounds=1):
     With flags, a stack that LAPACK fails as a whole is solved element by
     element, so that only the singular elements are flagged. ``rounds``:
     at most this many rounds of refinement (Newton steps need one, their
-    residual is checked; adjoints take _REG_ROUNDS).
+    residual is checked; adjoints take _REG_ROUNDS). ``rejected``: the
+    caller already solved K unregularized and rejected every element.
     """
-    sol = _solve(K, rhs, singular_ok=flags is None)
-    scale = 1.0 + np.abs(rhs).max(axis=1)
-    res = np.abs(bmv(K, np.nan_to_num(sol)) - rhs).max(axis=1)
-    bad = ~(res <= _SOLVE_TOL * scale) | ~np.isfinite(sol).all(axis=1)
+    if rejected:
+        sol = np.full(rhs.shape, np.nan)
+        bad = np.ones(K.shape[0], dtype=bool)
+    else:
+        sol = _solve(K, rhs, singular_ok=flags is None)
+        scale = 1.0 + np.abs(rhs).max(axis=1)
+        res = np.abs(bmv(K, np.nan_to_num(sol)) - rhs).max(axis=1)
+        bad = ~(res <= _SOLVE_TOL * scale) | ~np.isfinite(sol).all(axis=1)
     if flags is not None:
         flags |= bad
     if np.any(bad):
@@ -816,10 +822,15 @@ def _solve_regularized(K, rhs, n=None, flags=None, rounds=1):
         sign = 1.0 if n is None else np.where(np.arange(N) < n, 1.0, -1.0)
         Kr[:, np.arange(N), np.arange(N)] += delta[:, None] * sign
         rb = rhs[bad]
-        try:
-            inverse = np.linalg.inv(Kr)
-        except np.linalg.LinAlgError:  # pragma: no cover - Kr is
-            inverse = None             # nonsingular by construction
+        # With one round of refinement two solves cost less than the
+        # inverse (about a third of it each, for 47 x 47 matrices); more
+        # rounds reuse it.
+        inverse = None
+        if rounds > 1:
+            try:
+                inverse = np.linalg.inv(Kr)
+            except np.linalg.LinAlgError:  # pragma: no cover - Kr is
+                pass                       # nonsingular by construction
 
         def apply(v):
             if inverse is None:
@@ -908,7 +919,7 @@ def solve_checked(M, rhs, tol, flags=None, rounds=1):
         flags |= bad
     if bad.any():
         Mb, rb = M[bad], rhs[bad]
-        db = _solve_regularized(Mb, rb, rounds=rounds)
+        db = _solve_regularized(Mb, rb, rounds=rounds, rejected=True)
         r = bmv(Mb, np.nan_to_num(db)) - rb
         db[~(np.sqrt(np.einsum("bi,bi->b", r, r)) <= scale[bad])] = np.nan
         d[bad] = db
