@@ -478,19 +478,28 @@ def _constraint_rows(param_prob):
 
 def _dual_part(constraint, var, value):
     """The entries of ``var``, one of ``constraint``'s dual variables, in
-    CVXPY's dual value of the constraint, flattened column-major. (Cone
-    constraints such as SOC, ExpCone and PowCone3D have several dual
-    variables; CVXPY's inversion gives one array for all of them.)"""
+    CVXPY's dual value of the constraint, flattened column-major.
+
+    Cone constraints with several dual variables (SOC, ExpCone, PowCone3D,
+    PowConeND) get one array for all of them from CVXPY's inversion, laid
+    out cone by cone (a vectorized SOC or ExpCone interleaves its parts);
+    the constraint's own ``save_dual_value`` splits it, as it does after a
+    CVXPY solve. The dual variables' values are restored afterwards.
+    """
     duals = constraint.dual_variables
-    k = next(i for i, dual in enumerate(duals) if dual is var)
-    if len(duals) > 1 and np.size(value) != var.size:
-        # One array for all parts (as CVXPY's inversion gives it): split it
-        # in the dual variables' order.
-        sizes = [dual.size for dual in duals]
-        flat = np.ravel(np.asarray(value, dtype=float), order="F")
-        start = int(sum(sizes[:k]))
-        value = flat[start:start + var.size]
-    if np.size(value) != var.size:
+    if len(duals) > 1:
+        saved = [dual.value for dual in duals]
+        try:
+            constraint.save_dual_value(np.asarray(value, dtype=float))
+            value = var.value
+        except Exception as exc:
+            raise ValueError(
+                f"The dual variable of constraint '{constraint}' cannot be "
+                "recovered from the cone program.") from exc
+        finally:
+            for dual, old in zip(duals, saved):
+                dual.save_value(old)
+    if value is None or np.size(value) != var.size:
         raise ValueError(
             f"The dual variable of constraint '{constraint}' cannot be "
             "recovered from the cone program.")
