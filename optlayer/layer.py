@@ -396,7 +396,13 @@ class Layer:
         Av, Bv, C, w, vals_e, Pv = self._data(theta)
 
         N = cp_.n + cp_.m + 1
-        if N <= _adjoint.DENSE_LIMIT:
+        if N == 1:
+            # The presolve eliminated every variable and no constraint is
+            # left: the outputs depend on the parameters only through the
+            # eliminated variables (their cotangents are in gw).
+            dA, db, dc = (np.zeros((batch, 0)) for _ in range(3))
+            dP = np.zeros((batch, Pv.shape[1]))
+        elif N <= _adjoint.DENSE_LIMIT:
             # Stacked dense solves, in chunks of bounded memory.
             step = max(1, int(_DENSE_CHUNK_BYTES // (8 * (N + 1) ** 2)))
             step = min(step, -(-batch // self._dense_jobs(batch)))

@@ -1736,6 +1736,27 @@ def test_parametrized_quadratic_term():
     _assert_close(ga, -np.linalg.solve(M, w.T).T, 1e-9, "d a (m = 0)")
 
 
+@pytest.mark.parametrize("presolve", [True, False])
+@pytest.mark.parametrize("objective", ["zero", "linear"])
+def test_problems_the_presolve_empties(presolve, objective):
+    # x == k p pins every variable and leaves no constraint: with the
+    # presolve no cone program is left, and the solution x = k p has the
+    # closed-form gradient k (batched and unbatched).
+    x = cp.Variable(4)
+    p = cp.Parameter(4)
+    k = 1.0 if objective == "zero" else 2.0
+    goal = cp.Minimize(0) if objective == "zero" else cp.Minimize(cp.sum(x))
+    layer = optlayer.Layer(cp.Problem(goal, [x == k * p]), [p], [x],
+                           presolve=presolve)
+    value = np.arange(4.0)
+    for v, w in [(value, np.ones(4)), (np.stack([value, -value]),
+                                      np.array([[1.0, 2, 3, 4], [0, 1, 0, 1]]))]:
+        (sol,) = layer(v)
+        _assert_close(sol, k * v, 1e-9, "solution")
+        (grad,) = layer.vjp([v], [w])
+        _assert_close(grad, k * w, 1e-9, "gradient")
+
+
 def test_presolve_keeps_variables_of_the_quadratic_term():
     # y == b pins y, but y is in the quadratic term: it stays a variable
     # (eliminating it would make c depend on products of parameters). The
