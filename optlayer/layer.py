@@ -354,6 +354,13 @@ class Layer:
             A tuple with one gradient per parameter, shaped like its input
             value (summed over the batch for unbatched inputs).
         """
+        if needs_grad is not None:
+            needs_grad = list(needs_grad)
+            if len(needs_grad) != len(self.parameters):
+                raise ValueError(
+                    f"needs_grad has {len(needs_grad)} entries; expected "
+                    f"{len(self.parameters)}, one per parameter "
+                    f"({', '.join(self.compiled.param_names)}).")
         with _blas_single_thread():
             return self._adjoint(values, state, cotangents, needs_grad)
 

@@ -29,6 +29,19 @@ _CORE_OPTIONS = tuple(
 )
 
 
+def _check_backend():
+    """RuntimeError unless Keras runs on TensorFlow: the layer's gradient
+    and graph-mode solve are TensorFlow's (tf.custom_gradient,
+    tf.numpy_function)."""
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            f"optlayer_tf.Layer needs Keras's TensorFlow backend; Keras "
+            f"runs on '{backend}' here. Set KERAS_BACKEND=tensorflow "
+            "before importing keras, or use optlayer_jax.Layer or "
+            "optlayer_torch.Layer with JAX or PyTorch.")
+
+
 # Registered so that keras.models.load_model finds the class and reports
 # from_config's explanation, not an unknown class.
 @keras.saving.register_keras_serializable(package="optlayer")
@@ -110,12 +123,15 @@ class Layer(keras.layers.Layer):
             non-finite or out-of-domain values.
         NotImplementedError: when a second or forward-mode derivative
             through the layer is asked for.
+        RuntimeError: at construction, if Keras runs on a backend other
+            than TensorFlow (``KERAS_BACKEND``).
         optlayer.SolverError: eagerly, if a solve in the batch fails.
         tf.errors.OpError: in graph mode, for errors found while running
             (bad values, failed solves); the core's message is kept.
     """
 
     def __init__(self, problem, parameters, variables, **kwargs):
+        _check_backend()
         options = {k: kwargs.pop(k) for k in _CORE_OPTIONS if k in kwargs}
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)

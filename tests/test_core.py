@@ -622,6 +622,10 @@ def test_solve_adjoint_round_trip(case, batch_size):
             _assert_close(g, r, 1e-12, f"gradient {i}")
         else:
             assert g is None
+    # One flag per parameter, or an error that says so.
+    with pytest.raises(ValueError, match=f"needs_grad has {len(values) + 1} "
+                       f"entries; expected {len(values)}"):
+        layer.adjoint(values, state, cotangents, needs_grad=needs + [True])
 
     # A None cotangent counts as zero.
     zeroed = [None] + list(cotangents[1:])

@@ -521,6 +521,19 @@ def _sparsemax_model(seed=7):
     return keras.Model(inputs, outputs), layer, proj
 
 
+def test_other_keras_backends_are_named(monkeypatch):
+    # Under another Keras backend the layer's TensorFlow gradient would
+    # never run: construction says so and names the backend.
+    import optlayer_tf.layer as tf_layer
+
+    monkeypatch.setattr(tf_layer.keras.backend, "backend", lambda: "jax")
+    x = cp.Variable(2)
+    a = cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0])
+    with pytest.raises(RuntimeError, match="'jax'.*KERAS_BACKEND"):
+        optlayer_tf.Layer(problem, [a], [x])
+
+
 def test_keras_model_fit_and_predict():
     model, layer, proj = _sparsemax_model()
     assert tuple(proj.shape) == (None, 3) and proj.dtype == "float64"
