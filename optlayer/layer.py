@@ -1032,7 +1032,17 @@ class Layer:
             r[2][None], [r[3]])[0] for r in inaccurate]
         logger.debug("element %d: residuals of its inaccurate results %s",
                      i, residuals)
-        return inaccurate[int(np.argmin(residuals))]
+        best = int(np.argmin(residuals))
+        if not self._user_limits and residuals[best] > \
+                _solve.INACCURATE_LIMIT:
+            # None is accepted: a certificate of infeasibility or
+            # unboundedness that one of the runs found says more than the
+            # residual (a program infeasible by 1e-4 ends inaccurate at
+            # the medium tolerance, infeasible at the tight one).
+            certified = [r for r in candidates if r[3] in _solve.CERTIFICATES]
+            if certified:
+                return certified[-1]
+        return inaccurate[best]
 
     def _inaccurate_residuals(self, Av, Bv, C, Pv, X, Y, S, status_vals):
         """Relative KKT residuals (with the distance of y and s from their

@@ -65,6 +65,10 @@ def linear_solver(n, nnz):
 # SCS 3 status values.
 SOLVED = 1
 SOLVED_INACCURATE = 2
+# Statuses with a certificate of infeasibility or unboundedness (not
+# their inaccurate forms: SCS ends feasible programs it cannot solve, e.g.
+# on badly scaled data, "infeasible (inaccurate - reached max_iters)").
+CERTIFICATES = (scs.INFEASIBLE, scs.UNBOUNDED)
 
 
 def check_options(options):
@@ -226,7 +230,11 @@ def solver_error(failed, batched, batch_size, quadratic_objective=False):
     else:
         what = f"the problem: {failed[order[0]]}"
     hint = ""
-    if any("inaccurate" in failed[i] for i in order):
+    # Inaccurate ends: SCS's inaccurate statuses, and the points where
+    # Newton refinement did not converge (kept where they were the most
+    # accurate of an element's results).
+    if any("inaccurate" in failed[i] or "did not converge" in failed[i]
+           for i in order):
         hint = (" Inaccurate statuses on a feasible problem usually mean "
                 "badly scaled data: squared norms (sum_squares, quad_form) "
                 "of quantities of size 100 or more become cone "

@@ -764,6 +764,26 @@ def test_nearly_infeasible_elements_are_named(cold_newton, monkeypatch):
         assert "infeasible" in status or "relative KKT residual" in status
 
 
+def test_slightly_infeasible_elements_report_infeasibility():
+    # An LP infeasible by 1e-4 or 1e-5 (x0 >= 0 and x0 <= -gap) passes
+    # SCS's loose first tolerance, does not refine, and ends inaccurate at
+    # the medium one; the tight run finds the certificate, and the error
+    # reports it rather than the residual of the inaccurate point.
+    x = cp.Variable(4)
+    p = cp.Parameter(4)
+    q = cp.Parameter(4)
+    layer = optlayer.Layer(cp.Problem(cp.Minimize(cp.sum(x)),
+                                      [x >= p, x <= q]), [p, q], [x],
+                           warm_start=False)
+    Q = np.ones((4, 4))
+    Q[1, 0], Q[3, 0] = -1e-4, -1e-5
+    with pytest.raises(optlayer.SolverError) as info:
+        layer(np.zeros(4), Q)
+    assert info.value.elements == (1, 3)
+    for status in info.value.statuses:
+        assert status.startswith("infeasible"), status
+
+
 def test_inaccurate_failures_suggest_rescaling():
     # Failures with an inaccurate status (the iteration limit, as on badly
     # scaled squared norms) point at the data's scale; plain infeasibility
