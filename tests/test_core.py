@@ -1746,8 +1746,9 @@ def test_problems_the_presolve_empties(presolve, objective):
     layer = optlayer.Layer(cp.Problem(goal, [x == k * p]), [p], [x],
                            presolve=presolve)
     value = np.arange(4.0)
-    for v, w in [(value, np.ones(4)), (np.stack([value, -value]),
-                                      np.array([[1.0, 2, 3, 4], [0, 1, 0, 1]]))]:
+    batch = np.stack([value, -value])
+    weights = np.array([[1.0, 2, 3, 4], [0, 1, 0, 1]])
+    for v, w in [(value, np.ones(4)), (batch, weights)]:
         (sol,) = layer(v)
         _assert_close(sol, k * v, 1e-9, "solution")
         (grad,) = layer.vjp([v], [w])
