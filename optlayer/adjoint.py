@@ -513,7 +513,7 @@ def adjoint_other_side(Av, rows, cols, Bv, C, X, Y, S, GX, GY, GS, dims,
 
 
 def null_direction_gradients(Av, rows, cols, X, Y, S, dims, P=None,
-                             rng=None):
+                             rng=None, GX=None, GY=None, GS=None):
     """How the data gradients move along a null direction of J'.
 
     Where J is singular, J' r = g has the solutions r + null(J'), and the
@@ -524,21 +524,46 @@ def null_direction_gradients(Av, rows, cols, X, Y, S, dims, P=None,
     shrinks the rest of z by delta / sigma, sigma J's smallest nonzero
     singular value.
 
+    With the cotangents ``GX, GY, GS`` also: whether g (the right-hand
+    side of J' r = g, see :func:`_adjoint_full`) has a component along a
+    null direction of J itself, found the same way. Then J' r = g has no
+    solution: the cotangent weighs outputs that differ between optimal
+    points (a face of optimal solutions, or multipliers shared by
+    redundant constraints), and no gradient of them exists.
+
     Returns:
         (dA, db, dc, dP, in_null): the data gradients of r = z, and a
         boolean (B,): whether J' z is at most NULL_TOL (1 + max |J|) (False
-        where J is not singular after all).
+        where J is not singular after all); with the cotangents, also a
+        boolean (B,): whether g has a component of more than NULL_TOL |g|
+        along a null direction of J.
     """
     B, n = X.shape
     m = Y.shape[1]
-    N = n + m
     rng = np.random.default_rng(0) if rng is None else rng
     Ad = _reduced.dense_A(Av, rows, cols, m, n)
     D = cones.dproject_batch_dense(Y - S, dims, dual=True)
-    Jt = np.swapaxes(_reduced.full_jacobian(Ad, D, _reduced.dense_P(P, n)),
-                     1, 2)
-    size = 1.0 + np.abs(Jt).max(axis=(1, 2))
-    M = Jt.copy()
+    J = _reduced.full_jacobian(Ad, D, _reduced.dense_P(P, n))
+    Jt = np.swapaxes(J, 1, 2)
+    size = 1.0 + np.abs(J).max(axis=(1, 2))
+    z, in_null = _null_vector(Jt, size, rng)
+    dA, db, dc, dP = _gradients(rows, cols, X, Y, z[:, :n], z[:, n:], P)
+    if GX is None:
+        return dA, db, dc, dP, in_null
+    g = np.concatenate([GX, _reduced.bmv(D, GY + GS) - GS], axis=1)
+    u, u_null = _null_vector(J, size, rng)
+    along = np.abs(np.einsum("bi,bi->b", u, g))
+    return dA, db, dc, dP, in_null, u_null & (
+        along > NULL_TOL * np.linalg.norm(g, axis=1))
+
+
+def _null_vector(K, size, rng):
+    """A unit vector z (B, N) near the null space of each K (B, N, N), by
+    two steps of inverse iteration with K + NULL_SHIFT size I from a
+    random start, and whether K z is at most NULL_TOL size (``size``:
+    (B,), 1 + max |K|)."""
+    B, N = K.shape[:2]
+    M = K.copy()
     diag = np.arange(N)
     M[:, diag, diag] += (NULL_SHIFT * size)[:, None]
     z = rng.standard_normal((B, N))
@@ -546,9 +571,8 @@ def null_direction_gradients(Av, rows, cols, X, Y, S, dims, P=None,
         for _ in range(2):
             z = np.linalg.solve(M, z[..., None])[..., 0]
             z /= np.linalg.norm(z, axis=1, keepdims=True)
-    except np.linalg.LinAlgError:  # pragma: no cover - J' + delta I is
+    except np.linalg.LinAlgError:  # pragma: no cover - K + delta I is
         z = np.zeros((B, N))       # nonsingular; nothing to tell
-    in_null = (np.abs(_reduced.bmv(Jt, z)).max(axis=1, initial=0.0)
-               <= NULL_TOL * size) & (np.abs(z).max(axis=1, initial=0.0) > 0)
-    dA, db, dc, dP = _gradients(rows, cols, X, Y, z[:, :n], z[:, n:], P)
-    return dA, db, dc, dP, in_null
+    found = (np.abs(_reduced.bmv(K, z)).max(axis=1, initial=0.0)
+             <= NULL_TOL * size) & (np.abs(z).max(axis=1, initial=0.0) > 0)
+    return z, found

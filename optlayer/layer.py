@@ -433,7 +433,7 @@ class Layer:
             if singular.any() and cp_.n + cp_.m <= _reduced.FULL_SIZE:
                 self._warn_not_unique(
                     np.flatnonzero(singular), Av, Pv, X, Y, S, w, vals_e,
-                    batched)
+                    batched, (gx, gy, gs))
         else:
             def one(i):
                 A = _solve.assemble_A(Av[i], cp_.A_indices, cp_.A_indptr,
@@ -489,24 +489,33 @@ class Layer:
             dtheta = dtheta + _times(d_vals, T_Ae_t) + _times(gw, W_map_t)
         return np.asarray(dtheta)
 
-    def _warn_not_unique(self, which, Av, Pv, X, Y, S, w, vals_e, batched):
-        """Warn where the gradient is not unique: at elements whose
-        Jacobian J of the residual map was singular, J' r = g has the
+    def _warn_not_unique(self, which, Av, Pv, X, Y, S, w, vals_e, batched,
+                         cotangents):
+        """Warn where the outputs or the gradient are not unique, at
+        elements ``which`` whose Jacobian J of the residual map was
+        singular (see ``adjoint.null_direction_gradients``).
+
+        Outputs: where the cotangents (gx, gy, gs) weigh a direction of
+        null(J), J' r = g has no solution: the requested outputs differ
+        between optimal points (a face of optimal solutions, multipliers
+        shared by redundant constraints). Gradient: J' r = g has the
         solutions r + null(J'), and the gradient moves with them unless
         the parameters' derivative of the data is orthogonal to null(J')
         (a non-unique auxiliary variable, say the epigraph variable of an
-        inactive norm bound, is harmless; see
-        ``adjoint.null_direction_gradients``)."""
+        inactive norm bound, is harmless on both counts)."""
         cp_ = self.compiled
         N = cp_.n + cp_.m
         step = max(1, int(_DENSE_CHUNK_BYTES // (8 * 3 * N * N)))
         rng = np.random.default_rng(0)
-        bad = []
+        gx, gy, gs = cotangents
+        bad, faces = [], []
         for lo in range(0, which.size, step):
             idx = which[lo:lo + step]
-            dA, db, dc, dP, in_null = _adjoint.null_direction_gradients(
-                Av[idx], cp_.A_indices, self._A_cols, X[idx], Y[idx],
-                S[idx], cp_.dims, self._quad(Pv[idx]), rng)
+            dA, db, dc, dP, in_null, face = \
+                _adjoint.null_direction_gradients(
+                    Av[idx], cp_.A_indices, self._A_cols, X[idx], Y[idx],
+                    S[idx], cp_.dims, self._quad(Pv[idx]), rng, gx[idx],
+                    gy[idx], gs[idx])
             moves = self._theta_gradient(
                 dA, db, dc, dP, w[idx], vals_e[idx],
                 np.zeros((idx.size, cp_.elim.size)))
@@ -514,18 +523,31 @@ class Layer:
                                      np.abs(Y[idx]).max(axis=1, initial=0.0))
             moved = (np.abs(moves).max(axis=1, initial=0.0)
                      > _adjoint.NULL_TOL * scale)
-            bad.extend(int(i) for i in idx[in_null & moved])
-        if not bad:
-            return
-        where = (f"batch element(s) {bad[:20]}" if batched
-                 else "the problem")
-        warnings.warn(
-            f"The gradient of {where} is not unique: the optimality "
-            "conditions are singular there in a direction the parameters "
-            "move (e.g. a constraint that leaves a single point, such as "
-            "norm(x) <= r at r = 0). The solution map has no derivative "
-            "there; the gradient returned is one of many.",
-            RuntimeWarning, stacklevel=4)
+            faces.extend(int(i) for i in idx[face])
+            bad.extend(int(i) for i in idx[in_null & moved & ~face])
+
+        def where(elements):
+            return (f"batch element(s) {elements[:20]}" if batched
+                    else "the problem")
+
+        if faces:
+            warnings.warn(
+                f"The requested outputs of {where(faces)} are not unique: "
+                "other optimal points (a face of optimal solutions, or "
+                "multipliers shared by redundant constraints) have other "
+                "values of them. The values returned are one such point, "
+                "which can depend on earlier calls (warm starts), and "
+                "their gradient is not a derivative.",
+                RuntimeWarning, stacklevel=4)
+        if bad:
+            warnings.warn(
+                f"The gradient of {where(bad)} is not unique: the "
+                "optimality conditions are singular there in a direction "
+                "the parameters move (e.g. a constraint that leaves a "
+                "single point, such as norm(x) <= r at r = 0). The "
+                "solution map has no derivative there; the gradient "
+                "returned is one of many.",
+                RuntimeWarning, stacklevel=4)
 
     def _warn_degenerate(self, bad, batched):
         """Warn where the solution is degenerate (the elements ``bad``; see

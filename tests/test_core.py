@@ -1090,6 +1090,55 @@ def test_gradient_at_a_norm_bound_of_zero_warns_that_it_is_not_unique(
         layer.vjp([av, np.array(1e-6)], [np.ones(4)])
 
 
+def test_outputs_on_a_face_of_optima_warn_that_they_are_not_unique():
+    # min (a'x - b)^2 over a box: every x of the box with a'x = b is
+    # optimal. x itself differs between optimal points (its gradient is
+    # not a derivative: a warning); a'x = b is the same at all of them
+    # (no warning, and its gradient in b is exactly 1).
+    x = cp.Variable(3)
+    a = cp.Parameter(3)
+    b = cp.Parameter()
+    problem = cp.Problem(cp.Minimize(cp.square(a @ x - b)),
+                         [x >= -1, x <= 1])
+    layer = optlayer.Layer(problem, [a, b], [x])
+    av, bv = np.array([1.0, 1.0, 0.5]), np.array(0.3)
+    with pytest.warns(RuntimeWarning, match="requested outputs of the "
+                      "problem are not unique"):
+        layer.vjp([av, bv], [np.array([1.0, 0.0, 0.0])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _, gb = layer.vjp([av, bv], [av])
+    _assert_close(gb, 1.0, 1e-9, "gradient of a'x in b")
+    # Batched: only the elements on a face are named (b = 5 is beyond
+    # the box's reach: the unique optimum is its corner).
+    values = [np.tile(av, (3, 1)), np.array([0.3, 5.0, -0.2])]
+    with pytest.warns(RuntimeWarning, match=r"batch element\(s\) \[0, 2\] "
+                      "are not unique"):
+        layer.vjp(values, [np.tile([1.0, 0.0, 0.0], (3, 1))])
+
+
+def test_duals_of_redundant_constraints_warn_that_they_are_not_unique():
+    # The same hyperplane as an equality and an inequality: only the sum
+    # of their multipliers is determined. One of them alone is not unique
+    # (a warning); the sum is (at the vertex x = e0 of min c'x over the
+    # simplex, -c0: gradient (-1, 0, 0)).
+    x = cp.Variable(3)
+    c = cp.Parameter(3)
+    eq, ineq = cp.sum(x) == 1, cp.sum(x) <= 1
+    problem = cp.Problem(cp.Minimize(c @ x), [x >= 0, eq, ineq])
+    layer = optlayer.Layer(problem, [c], [eq.dual_variables[0],
+                                          ineq.dual_variables[0]])
+    cv = np.array([1.0, 1.5, 2.0])
+    with pytest.warns(RuntimeWarning, match="requested outputs of the "
+                      "problem are not unique"):
+        layer.vjp([cv], [np.array(1.0), np.array(0.0)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (grad,) = layer.vjp([cv], [np.array(1.0), np.array(1.0)])
+    assert not [w for w in caught if "requested outputs" in str(w.message)]
+    _assert_close(grad, [-1.0, 0.0, 0.0], 1e-8, "gradient of the sum")
+
+
 def test_null_direction_gradients_find_the_null_space_of_singular_systems():
     # At r = 0, ||x|| <= r leaves one point: J is singular, and the null
     # direction found must satisfy J' z ~ 0 and move the gradient in b;
