@@ -116,19 +116,44 @@ class CompiledProblem:
 
 
 def _not_dpp_parts(problem):
-    """Which parts of the problem are not DPP, for the error message."""
+    """Which parts of the problem are not DPP, and the smallest
+    expressions in them that are not, for the error message."""
     parts = []
     if not problem.objective.is_dcp(dpp=True):
-        parts.append("the objective")
+        parts.append("the objective" + _culprits(problem.objective.args))
     for i, con in enumerate(problem.constraints):
         if not con.is_dcp(dpp=True):
-            text = str(con)
-            text = text if len(text) <= 60 else text[:57] + "..."
-            parts.append(f"constraint {i} ({text})")
+            parts.append(f"constraint {i} ({_short(con)})"
+                         + _culprits(con.args))
     if not parts:
         return "it is not DPP as a whole"
     return ", ".join(parts) + (" is" if len(parts) == 1 else " are") + \
         " not DPP"
+
+
+def _short(item, limit=60):
+    text = str(item)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _culprits(exprs):
+    """' (in: e1, e2)': the smallest subexpressions of ``exprs`` that are
+    not DPP though all their arguments are ('' if none is found)."""
+    found = []
+
+    def walk(expr):
+        if expr.is_dcp(dpp=True):
+            return
+        bad = [arg for arg in expr.args if not arg.is_dcp(dpp=True)]
+        if bad:
+            for arg in bad:
+                walk(arg)
+        elif len(found) < 3:
+            found.append(_short(expr))
+
+    for expr in exprs:
+        walk(expr)
+    return f" (in: {'; '.join(found)})" if found else ""
 
 
 def _expressions(expr):
@@ -239,8 +264,12 @@ def _check_arguments(problem, parameters, variables,
         raise ValueError(
             "The problem is not DPP (disciplined parametrized programming): "
             f"{_not_dpp_parts(problem)}. Rewrite it so that parameters "
-            "enter affinely, e.g. introduce a variable pinned to a product "
-            "of parameters; problem.is_dcp(dpp=True) must return True."
+            "enter affinely and only where an atom accepts a variable "
+            "(not, e.g., as the denominator of quad_over_lin or an "
+            "exponent); a product of parameters can be one new "
+            "parameter, or split by a variable pinned to a factor times "
+            "the rest (y == q * x, then p * y); problem.is_dcp(dpp=True) "
+            "must return True."
             + _quad_form_hint(problem)
         )
     parameters = as_list(parameters)

@@ -1,5 +1,6 @@
 """The NumPy layer: batched forward solve and its vector-Jacobian product."""
 
+import collections.abc
 import concurrent.futures
 import logging
 import math
@@ -173,6 +174,11 @@ class Layer:
     def __init__(self, problem, parameters, variables, *,
                  solver_options=None, n_jobs=None, warm_start=True,
                  presolve=True, refine=True, quadratic_objective=True):
+        for name, flag in (("warm_start", warm_start), ("presolve", presolve),
+                           ("refine", refine),
+                           ("quadratic_objective", quadratic_objective)):
+            _check_flag(name, flag)
+        solver_options = _check_solver_options(solver_options)
         self.problem = problem
         self.parameters = tuple(_compile.as_list(parameters))
         self.variables = tuple(_compile.as_list(variables))
@@ -1525,6 +1531,24 @@ def _transposed(M):
 def _times(D, M_t):
     """D @ M for a dense (batch, k) D, given M' (CSR), as a dense array."""
     return np.asarray(M_t @ D.T).T
+
+
+def _check_flag(name, value):
+    """ValueError unless ``value`` is a boolean (or 0 or 1)."""
+    if not (isinstance(value, (bool, np.bool_)) or (
+            isinstance(value, (int, np.integer)) and value in (0, 1))):
+        raise ValueError(f"{name} must be True or False; got {value!r}.")
+
+
+def _check_solver_options(options):
+    """The SCS settings as a dict ({} for None), or ValueError."""
+    if options is None:
+        return {}
+    if not isinstance(options, collections.abc.Mapping):
+        raise ValueError(
+            "solver_options must be a dict of SCS settings, e.g. "
+            f"{{'max_iters': 1000}}; got {type(options).__name__}.")
+    return dict(options)
 
 
 def _check_n_jobs(n_jobs):

@@ -47,8 +47,17 @@ def test_not_dpp():
     # A product of two parameters is DCP but not DPP.
     problem = cp.Problem(cp.Minimize(cp.sum_squares(x) + a * b * cp.sum(x)))
     assert problem.is_dcp() and not problem.is_dpp()
-    with pytest.raises(ValueError, match=r"the objective is not DPP"):
+    # The message names the smallest expression that is not DPP.
+    with pytest.raises(ValueError,
+                       match=r"the objective \(in: a \* b\) is not DPP"):
         optlayer.Layer(problem, [a, b], [x])
+    # So for atoms that need a constant argument.
+    p = cp.Parameter(pos=True, name="p")
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x) + cp.quad_over_lin(
+        x, p) + cp.norm1(x - a)))
+    with pytest.raises(ValueError, match=r"the objective \(in: "
+                       r"quad_over_lin\(var\d+, p, None, False\)\) is not DPP"):
+        optlayer.Layer(problem, [a, p], [x])
 
 
 def test_not_dpp_names_the_parts_and_the_quad_form_rewrite():
@@ -65,7 +74,8 @@ def test_not_dpp_names_the_parts_and_the_quad_form_rewrite():
     with pytest.raises(ValueError) as info:
         optlayer.Layer(problem, [P, q, a, b], [x])
     message = str(info.value)
-    assert "the objective, constraint 1 (" in message
+    assert "the objective (in: QuadForm(" in message
+    assert "constraint 1 (" in message and "(in: a * b)" in message
     assert "constraint 0" not in message
     assert "sum_squares(L @ x)" in message
     # The rewrite it suggests is DPP.
@@ -507,6 +517,9 @@ def test_single_parameter_and_variable_need_no_list():
     ({"eps": 1e-6}, r"solver_options were rejected by SCS: 'eps' .* use "
                     r"eps_abs and eps_rel"),
     ({"max_iter": 10}, r"solver_options were rejected by SCS: 'max_iter'"),
+    # Pairs would pass dict.update but not the checks that read the keys.
+    ([("max_iters", 5)], r"solver_options must be a dict of SCS settings"
+                         r".* got list"),
 ])
 def test_bad_solver_options_fail_at_construction(options, pattern):
     x = cp.Variable(2)
@@ -524,6 +537,31 @@ def test_bad_n_jobs(n_jobs):
     with pytest.raises(ValueError, match="n_jobs must be a positive "
                                          "integer, or None or -1"):
         optlayer.Layer(problem, [a], [x], n_jobs=n_jobs)
+
+
+@pytest.mark.parametrize("option", ["warm_start", "presolve", "refine",
+                                    "quadratic_objective"])
+def test_switches_must_be_booleans(option):
+    # A string such as "no" would count as True.
+    x = cp.Variable(2)
+    a = cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0])
+    with pytest.raises(ValueError, match=f"{option} must be True or False; "
+                                         "got 'no'"):
+        optlayer.Layer(problem, [a], [x], **{option: "no"})
+    optlayer.Layer(problem, [a], [x], **{option: np.bool_(False)})
+
+
+def test_solver_options_may_be_any_mapping():
+    import types
+
+    x = cp.Variable(2)
+    a = cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0])
+    layer = optlayer.Layer(problem, [a], [x], solver_options=types.
+                           MappingProxyType({"max_iters": 5000}))
+    assert layer.solver_options["max_iters"] == 5000
+    assert layer._user_limits
 
 
 def test_n_jobs_minus_one_means_every_cpu():
