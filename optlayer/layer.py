@@ -375,6 +375,10 @@ class Layer:
         batch, batched, theta = self._prepare(values)
         cp_ = self.compiled
         X, Y, S = self._check_state(state, batch, "state")
+        if not all(np.isfinite(a).all() for a in (X, Y, S)):
+            raise ValueError(
+                "state has NaN or infinite entries; pass the state that "
+                "solve() returned for these values.")
         if len(cotangents) != len(cp_.outputs):
             raise ValueError(
                 f"Expected {len(cp_.outputs)} cotangent(s), one per output "

@@ -79,7 +79,8 @@ def check_options(options):
     data = {"A": sp.csc_matrix(np.ones((1, 1))), "b": np.ones(1),
             "c": np.ones(1)}
     try:
-        scs.SCS(data, {"l": 1}, **options)
+        # Quietly: verbose=True is for the layer's solves, not this probe.
+        scs.SCS(data, {"l": 1}, **{**options, "verbose": False})
     except (TypeError, ValueError) as exc:
         hint = ""
         if "eps" in options:
@@ -186,7 +187,8 @@ def warn_inaccurate(elements, stacklevel):
         warnings.warn(
             "SCS returned an inaccurate solution for batch element(s) "
             f"{elements[:20]}; outputs and gradients may be inaccurate. "
-            "Raise max_iters in solver_options.",
+            "Raise max_iters (or time_limit_secs, if set) in "
+            "solver_options.",
             RuntimeWarning, stacklevel=stacklevel)
 
 

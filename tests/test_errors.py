@@ -564,6 +564,32 @@ def test_solver_options_may_be_any_mapping():
     assert layer._user_limits
 
 
+def test_verbose_prints_nothing_at_construction(capfd):
+    # The settings are checked on a probe program, which stays quiet;
+    # the layer's own solves print SCS's log (an LP: SCS solves it).
+    x = cp.Variable(2)
+    a = cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(a @ x), [x >= -1, x <= 1])
+    layer = optlayer.Layer(problem, [a], [x],
+                           solver_options={"verbose": True})
+    assert "SCS" not in capfd.readouterr().out
+    layer(np.array([1.0, 2.0]))
+    assert "SCS" in capfd.readouterr().out
+
+
+def test_adjoint_rejects_a_state_with_nan():
+    x = cp.Variable(2)
+    a = cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0])
+    layer = optlayer.Layer(problem, [a], [x])
+    value = np.array([1.0, -1.0])
+    _, (X, Y, S) = layer.solve(value)
+    X = X.copy()
+    X[0, 0] = np.nan
+    with pytest.raises(ValueError, match="state has NaN or infinite"):
+        layer.adjoint([value], (X, Y, S), [np.ones(2)])
+
+
 def test_n_jobs_minus_one_means_every_cpu():
     # Also on the threaded paths (64 elements of a program with m n >=
     # 4000), which failed with n_jobs=-1 before.
