@@ -115,8 +115,11 @@ def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims, P=None):
             None.
 
     Returns:
-        (dA_values, db, dc, dP): dA_values[k] is the gradient for
-        A.data[k], dP[k] for P's values[k] (empty without P).
+        (dA_values, db, dc, dP, singular): dA_values[k] is the gradient
+        for A.data[k], dP[k] for P's values[k] (empty without P);
+        ``singular``: whether the system was singular (solved by the
+        dense fallback or LSQR), so that the gradient may not be unique
+        (see :func:`null_direction_gradients_sparse`).
     """
     m, n = A.shape
     N = n + m + 1
@@ -133,7 +136,7 @@ def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims, P=None):
         [-(x @ gx + y @ gy + s @ gs)],
     ])
     if not np.any(g):
-        return np.zeros(A.nnz), np.zeros(m), np.zeros(n), np.zeros(0)
+        return np.zeros(A.nnz), np.zeros(m), np.zeros(n), np.zeros(0), False
 
     D = sp.block_diag([sp.identity(n), Dk, sp.identity(1)], format="csc")
     Q = _q_matrix(A, b, c)
@@ -142,6 +145,7 @@ def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims, P=None):
     z = np.concatenate([x, v, [1.0]])
     pi = np.concatenate([x, y, [1.0]])
     r = _solve_bordered(MT, z, pi, g)
+    singular = r is None
     if r is None:
         if N <= DENSE_FALLBACK_LIMIT:
             # Singular bordered system (degenerate program, non-unique
@@ -152,7 +156,7 @@ def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims, P=None):
             out = adjoint_dense(A.data[None], rows, cols, b[None], c[None],
                                 x[None], y[None], s[None], gx[None],
                                 gy[None], gs[None], dims)
-            return tuple(a[0] for a in out)
+            return tuple(a[0] for a in out) + (True,)
         r = _lsqr_checked(MT, g)
 
     rx, ry, rw = r[:n], r[n:n + m], r[-1]
@@ -161,7 +165,7 @@ def adjoint_one(A, b, c, x, y, s, gx, gy, gs, dims, P=None):
     dA = ry[rows] * x[cols] - y[rows] * rx[cols]
     db = rw * y - ry
     dc = rw * x - rx
-    return dA, db, dc, np.zeros(0)
+    return dA, db, dc, np.zeros(0), singular
 
 
 def _adjoint_one_quadratic(A, b, c, x, y, s, gx, gy, gs, dims, P, Dk):
@@ -175,7 +179,8 @@ def _adjoint_one_quadratic(A, b, c, x, y, s, gx, gy, gs, dims, P, Dk):
     cols = np.repeat(np.arange(n), np.diff(A.indptr))
     g = np.concatenate([gx, Dk @ (gy + gs) - gs])
     if not np.any(g):
-        return np.zeros(A.nnz), np.zeros(m), np.zeros(n), np.zeros(Pv.size)
+        return (np.zeros(A.nnz), np.zeros(m), np.zeros(n), np.zeros(Pv.size),
+                False)
     Pq = sp.csc_matrix((Pv, (prows, pcols)), shape=(n, n))
     JT = sp.bmat([[Pq, -A.T], [Dk @ A, sp.identity(m) - Dk]], format="csc")
     r = None
@@ -189,17 +194,18 @@ def _adjoint_one_quadratic(A, b, c, x, y, s, gx, gy, gs, dims, P, Dk):
                 r = None
     except RuntimeError:
         pass
+    singular = r is None
     if r is None:
         if n + m + 1 <= DENSE_FALLBACK_LIMIT:
             out = adjoint_dense(A.data[None], rows, cols, b[None], c[None],
                                 x[None], y[None], s[None], gx[None],
                                 gy[None], gs[None], dims,
                                 P=P._replace(values=Pv[None]))
-            return tuple(a[0] for a in out)
+            return tuple(a[0] for a in out) + (True,)
         r = _lsqr_checked(JT, g)
     out = _gradients(rows, cols, x[None], y[None], r[None, :n], r[None, n:],
                      P._replace(values=Pv[None]))
-    return tuple(a[0] for a in out)
+    return tuple(a[0] for a in out) + (singular,)
 
 
 def _lsqr_checked(M, g):
@@ -555,6 +561,52 @@ def null_direction_gradients(Av, rows, cols, X, Y, S, dims, P=None,
     along = np.abs(np.einsum("bi,bi->b", u, g))
     return dA, db, dc, dP, in_null, u_null & (
         along > NULL_TOL * np.linalg.norm(g, axis=1))
+
+
+def null_direction_gradients_sparse(A, x, y, s, gx, gy, gs, dims, P=None,
+                                    rng=None):
+    """:func:`null_direction_gradients` (with cotangents) for one large
+    program: the null directions of J and J' from two steps of inverse
+    iteration each with one sparse LU of J + delta I. ``A``: the CSC
+    constraint matrix; ``P``: the objective's quadratic term for this
+    program (a ``reduced.Quadratic`` whose values are one-dimensional), or
+    None. Returns the same as its dense form, each with a leading batch
+    dimension of 1."""
+    m, n = A.shape
+    rng = np.random.default_rng(0) if rng is None else rng
+    Dk = cones.dproject(y - s, dims, dual=True)
+    Pq = None if P is None else sp.csc_matrix(
+        (P.values, (P.rows, P.cols)), shape=(n, n))
+    J = sp.bmat([[Pq if Pq is not None else sp.csc_matrix((n, n)),
+                  A.T @ Dk], [-A, sp.identity(m) - Dk]], format="csc")
+    size = 1.0 + np.abs(J.data).max(initial=0.0)
+    try:
+        lu = spla.splu(sp.csc_matrix(
+            J + NULL_SHIFT * size * sp.identity(n + m, format="csc")))
+    except RuntimeError:  # pragma: no cover - J + delta I is nonsingular
+        lu = None
+
+    def null_vector(trans):
+        K = J.T if trans == "T" else J
+        z = rng.standard_normal(n + m)
+        if lu is None:  # pragma: no cover
+            return z, False
+        for _ in range(2):
+            z = lu.solve(z, trans=trans)
+            z /= np.linalg.norm(z)
+        return z, bool(np.all(np.isfinite(z))
+                       and np.abs(K @ z).max() <= NULL_TOL * size)
+
+    z, in_null = null_vector("T")
+    u, u_null = null_vector("N")
+    g = np.concatenate([gx, Dk @ (gy + gs) - gs])
+    face = u_null and abs(u @ g) > NULL_TOL * np.linalg.norm(g)
+    rows = A.indices
+    cols = np.repeat(np.arange(n), np.diff(A.indptr))
+    Pb = None if P is None else P._replace(values=P.values[None])
+    dA, db, dc, dP = _gradients(rows, cols, x[None], y[None], z[None, :n],
+                                z[None, n:], Pb)
+    return dA, db, dc, dP, np.array([in_null]), np.array([face])
 
 
 def _null_vector(K, size, rng):

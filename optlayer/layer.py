@@ -437,10 +437,7 @@ class Layer:
             results = self._map(chunk, range(0, batch, step))
             dA, db, dc, dP = (np.concatenate([r[k] for r in results])
                               for k in range(4))
-            # Known limit: the check costs a dense solve of size n + m
-            # per singular element, cheap next to the adjoint only for
-            # small programs; larger ones are not checked.
-            if singular.any() and cp_.n + cp_.m <= _reduced.FULL_SIZE:
+            if singular.any():
                 self._warn_not_unique(
                     np.flatnonzero(singular), Av, Pv, X, Y, S, w, vals_e,
                     batched, (gx, gy, gs))
@@ -456,6 +453,11 @@ class Layer:
             results = self._map(one, range(batch))
             dA, db, dc, dP = (np.stack([r[k] for r in results])
                               for k in range(4))
+            singular = np.array([r[4] for r in results], dtype=bool)
+            if singular.any():
+                self._warn_not_unique(
+                    np.flatnonzero(singular), Av, Pv, X, Y, S, w, vals_e,
+                    batched, (gx, gy, gs))
         dtheta = self._theta_gradient(dA, db, dc, dP, w, vals_e, gw)
         degenerate = np.flatnonzero(cones.degenerate_elements(Y, S, cp_.dims))
         if degenerate.size and N <= _adjoint.DENSE_LIMIT:
@@ -515,17 +517,30 @@ class Layer:
         inactive norm bound, is harmless on both counts)."""
         cp_ = self.compiled
         N = cp_.n + cp_.m
-        step = max(1, int(_DENSE_CHUNK_BYTES // (8 * 3 * N * N)))
+        # Stacked dense solves for small programs; larger ones one element
+        # at a time, with a sparse LU.
+        dense = N <= _reduced.FULL_SIZE
+        step = (max(1, int(_DENSE_CHUNK_BYTES // (8 * 3 * N * N)))
+                if dense else 1)
         rng = np.random.default_rng(0)
         gx, gy, gs = cotangents
         bad, faces = [], []
         for lo in range(0, which.size, step):
             idx = which[lo:lo + step]
-            dA, db, dc, dP, in_null, face = \
-                _adjoint.null_direction_gradients(
-                    Av[idx], cp_.A_indices, self._A_cols, X[idx], Y[idx],
-                    S[idx], cp_.dims, self._quad(Pv[idx]), rng, gx[idx],
-                    gy[idx], gs[idx])
+            if dense:
+                dA, db, dc, dP, in_null, face = \
+                    _adjoint.null_direction_gradients(
+                        Av[idx], cp_.A_indices, self._A_cols, X[idx],
+                        Y[idx], S[idx], cp_.dims, self._quad(Pv[idx]), rng,
+                        gx[idx], gy[idx], gs[idx])
+            else:
+                i = int(idx[0])
+                dA, db, dc, dP, in_null, face = \
+                    _adjoint.null_direction_gradients_sparse(
+                        _solve.assemble_A(Av[i], cp_.A_indices,
+                                          cp_.A_indptr, (cp_.m, cp_.n)),
+                        X[i], Y[i], S[i], gx[i], gy[i], gs[i], cp_.dims,
+                        self._quad(Pv[i]), rng)
             moves = self._theta_gradient(
                 dA, db, dc, dP, w[idx], vals_e[idx],
                 np.zeros((idx.size, cp_.elim.size)))

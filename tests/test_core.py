@@ -1117,6 +1117,34 @@ def test_outputs_on_a_face_of_optima_warn_that_they_are_not_unique():
         layer.vjp(values, [np.tile([1.0, 0.0, 0.0], (3, 1))])
 
 
+@pytest.mark.parametrize("n", [60, 300])
+def test_larger_programs_are_checked_for_non_unique_outputs(n):
+    # The face of optima above in n dimensions, beyond the stacked dense
+    # check (n + m = 3 n: the null directions come from a sparse LU; at
+    # n = 300 the adjoint itself is sparse too). An inactive norm1 bound
+    # (non-unique epigraph variables) stays quiet, with the exact
+    # gradient of x = a.
+    rng = _rng("larger_face", n)
+    x = cp.Variable(n)
+    a = cp.Parameter(n)
+    b = cp.Parameter()
+    problem = cp.Problem(cp.Minimize(cp.square(a @ x - b)),
+                         [x >= -1, x <= 1])
+    layer = optlayer.Layer(problem, [a, b], [x])
+    av = rng.uniform(0.5, 1.0, n)
+    with pytest.warns(RuntimeWarning, match="requested outputs of the "
+                      "problem are not unique"):
+        layer.vjp([av, np.array(0.3)], [np.eye(n)[0]])
+    bounded = cp.Problem(cp.Minimize(cp.sum_squares(x - a)),
+                         [cp.norm1(x) <= 10.0 * n])
+    layer = optlayer.Layer(bounded, [a], [x])
+    w = rng.normal(size=n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        (grad,) = layer.vjp([av], [w])
+    _assert_close(grad, w, 1e-8, "gradient of x = a")
+
+
 def test_duals_of_redundant_constraints_warn_that_they_are_not_unique():
     # The same hyperplane as an equality and an inequality: only the sum
     # of their multipliers is determined. One of them alone is not unique
