@@ -437,7 +437,12 @@ class Layer:
             results = self._map(chunk, range(0, batch, step))
             dA, db, dc, dP = (np.concatenate([r[k] for r in results])
                               for k in range(4))
-            if singular.any():
+            # Known limit: checked by stacked dense solves up to n + m =
+            # 100; above, a sparse LU per singular element would cost
+            # about four times the whole adjoint (a batch of 128 40-cone
+            # SOCPs, n + m = 343, all singular from harmless epigraph
+            # variables: 76 -> 340 ms), so those are not checked.
+            if singular.any() and cp_.n + cp_.m <= _reduced.FULL_SIZE:
                 self._warn_not_unique(
                     np.flatnonzero(singular), Av, Pv, X, Y, S, w, vals_e,
                     batched, (gx, gy, gs))
@@ -453,6 +458,8 @@ class Layer:
             results = self._map(one, range(batch))
             dA, db, dc, dP = (np.stack([r[k] for r in results])
                               for k in range(4))
+            # Checked here at any size: the adjoint of a singular element
+            # already cost a dense fallback or LSQR, more than the check.
             singular = np.array([r[4] for r in results], dtype=bool)
             if singular.any():
                 self._warn_not_unique(
@@ -517,8 +524,8 @@ class Layer:
         inactive norm bound, is harmless on both counts)."""
         cp_ = self.compiled
         N = cp_.n + cp_.m
-        # Stacked dense solves for small programs; larger ones one element
-        # at a time, with a sparse LU.
+        # Stacked dense solves for small programs; large ones (sparse
+        # adjoint) one element at a time, with a sparse LU.
         dense = N <= _reduced.FULL_SIZE
         step = (max(1, int(_DENSE_CHUNK_BYTES // (8 * 3 * N * N)))
                 if dense else 1)

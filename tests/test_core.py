@@ -1117,13 +1117,12 @@ def test_outputs_on_a_face_of_optima_warn_that_they_are_not_unique():
         layer.vjp(values, [np.tile([1.0, 0.0, 0.0], (3, 1))])
 
 
-@pytest.mark.parametrize("n", [60, 300])
+@pytest.mark.parametrize("n", [150, 300])
 def test_larger_programs_are_checked_for_non_unique_outputs(n):
-    # The face of optima above in n dimensions, beyond the stacked dense
-    # check (n + m = 3 n: the null directions come from a sparse LU; at
-    # n = 300 the adjoint itself is sparse too). An inactive norm1 bound
-    # (non-unique epigraph variables) stays quiet, with the exact
-    # gradient of x = a.
+    # The face of optima above in n dimensions, where the adjoint is
+    # sparse (n + m + 1 = 3 n + 1 > 400): the null directions come from a
+    # sparse LU. An inactive norm1 bound (non-unique epigraph variables)
+    # stays quiet, with the exact gradient of x = a.
     rng = _rng("larger_face", n)
     x = cp.Variable(n)
     a = cp.Parameter(n)
