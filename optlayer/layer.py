@@ -564,12 +564,15 @@ class Layer:
 
         if faces:
             warnings.warn(
-                f"The requested outputs of {where(faces)} are not unique: "
-                "other optimal points (a face of optimal solutions, or "
-                "multipliers shared by redundant constraints) have other "
-                "values of them. The values returned are one such point, "
-                "which can depend on earlier calls (warm starts), and "
-                "their gradient is not a derivative.",
+                f"The requested outputs of {where(faces)} are not unique "
+                "or not differentiable: the optimality conditions are "
+                "singular along a direction in which these outputs move. "
+                "Typically other optimal points have other values of them "
+                "(a face of optimal solutions, or multipliers shared by "
+                "redundant constraints; the values returned are one such "
+                "point, which can depend on earlier calls), or the "
+                "solution is degenerate (e.g. a power of a norm fitted "
+                "exactly). Their gradient is not a derivative.",
                 RuntimeWarning, stacklevel=4)
         if bad:
             warnings.warn(
