@@ -62,6 +62,10 @@ DENSE_FALLBACK_LIMIT = 2000
 # Smallest LU pivot, relative to the largest, of a bordered system taken
 # as nonsingular.
 _SINGULAR_PIVOT = 1e-11
+# SuperLU is given M + LU_SHIFT (1 + max |M|) I instead of M (see
+# shifted_lu): well below _SINGULAR_PIVOT, so singular matrices are still
+# told apart by their pivots.
+LU_SHIFT = 1e-14
 # Relative residual above which a solve is not trusted.
 RESIDUAL_TOL = 1e-7
 # The search for a null direction of a singular J' (null_direction_gradients):
@@ -184,16 +188,12 @@ def _adjoint_one_quadratic(A, b, c, x, y, s, gx, gy, gs, dims, P, Dk):
     Pq = sp.csc_matrix((Pv, (prows, pcols)), shape=(n, n))
     JT = sp.bmat([[Pq, -A.T], [Dk @ A, sp.identity(m) - Dk]], format="csc")
     r = None
-    try:
-        lu = spla.splu(JT)
-        pivots = np.abs(lu.U.diagonal())
-        if pivots.min() > _SINGULAR_PIVOT * pivots.max():
-            r = lu.solve(g)
-            if not (np.all(np.isfinite(r)) and np.linalg.norm(JT @ r - g)
-                    <= RESIDUAL_TOL * np.linalg.norm(g)):
-                r = None
-    except RuntimeError:
-        pass
+    lu, singular_lu = shifted_lu(JT)
+    if not singular_lu:
+        r = solve_shifted(lu, JT, g)
+        if not (np.all(np.isfinite(r)) and np.linalg.norm(JT @ r - g)
+                <= RESIDUAL_TOL * np.linalg.norm(g)):
+            r = None
     singular = r is None
     if r is None:
         if n + m + 1 <= DENSE_FALLBACK_LIMIT:
@@ -206,6 +206,37 @@ def _adjoint_one_quadratic(A, b, c, x, y, s, gx, gy, gs, dims, P, Dk):
     out = _gradients(rows, cols, x[None], y[None], r[None, :n], r[None, n:],
                      P._replace(values=Pv[None]))
     return tuple(a[0] for a in out) + (singular,)
+
+
+def shifted_lu(M):
+    """SuperLU's factorization of M + delta I, delta = LU_SHIFT (1 + max
+    |M|), and whether M is singular (a pivot below _SINGULAR_PIVOT times
+    the largest); None for the LU where SuperLU fails.
+
+    SuperLU is never handed an exactly singular matrix: on some (the
+    Jacobian of a quadratic program with a face of optima) it did not
+    raise but aborted or crashed the process, now and then. Solutions
+    with M itself come from :func:`solve_shifted`.
+    """
+    delta = LU_SHIFT * (1.0 + np.abs(M.data).max(initial=0.0))
+    try:
+        lu = spla.splu(sp.csc_matrix(
+            M + delta * sp.identity(M.shape[0], format="csc")))
+    except RuntimeError:
+        return None, True
+    pivots = np.abs(lu.U.diagonal())
+    return lu, not pivots.min(initial=0.0) > _SINGULAR_PIVOT * pivots.max(
+        initial=0.0)
+
+
+def solve_shifted(lu, M, rhs, rounds=2):
+    """M d = rhs from the LU of M + delta I (:func:`shifted_lu`) and
+    rounds of iterative refinement against M (each shrinks the error by
+    about delta over M's smallest singular value)."""
+    d = lu.solve(rhs)
+    for _ in range(rounds):
+        d = d + lu.solve(rhs - M @ d)
+    return d
 
 
 def _lsqr_checked(M, g):
@@ -235,24 +266,18 @@ def _solve_bordered(MT, z, pi, g):
          [sp.csc_matrix(pi.reshape(1, -1)), None]],
         format="csc",
     )
-    try:
-        # Known limit: on a singular K, SuperLU's BLAS prints an "illegal
-        # value" message to stdout.
-        lu = spla.splu(K)
-        pivots = np.abs(lu.U.diagonal())
-        if not pivots.min() > _SINGULAR_PIVOT * pivots.max():
-            # Numerically singular (seen: 1e-16 on degenerate programs,
-            # 4e-3 or more on the test problems): LU's answer then carries
-            # an arbitrary component that changes the gradient, even when
-            # it passes the residual check.
-            return None
-        r = lu.solve(np.append(g, 0.0))[:N]
-        if np.all(np.isfinite(r)) and (
-            np.linalg.norm(MT @ r - g) <= RESIDUAL_TOL * norm_g
-        ):
-            return r
-    except RuntimeError:
-        pass
+    lu, singular = shifted_lu(K)
+    if singular:
+        # Numerically singular (seen: 1e-16 on degenerate programs, 4e-3
+        # or more on the test problems): LU's answer then carries an
+        # arbitrary component that changes the gradient, even when it
+        # passes the residual check.
+        return None
+    r = solve_shifted(lu, K, np.append(g, 0.0))[:N]
+    if np.all(np.isfinite(r)) and (
+        np.linalg.norm(MT @ r - g) <= RESIDUAL_TOL * norm_g
+    ):
+        return r
     return None
 
 

@@ -309,7 +309,8 @@ _SPARSE_SOLVE_TOL = 1e-9
 
 
 def _sparse_step(J, rhs):
-    """J d = rhs by a sparse LU; where J is singular (non-unique auxiliary
+    """J d = rhs by a sparse LU (of J shifted by a tiny multiple of I and
+    refined, see ``adjoint.shifted_lu``); where J is singular (non-unique auxiliary
     variables, say), by the LU of J + delta I (nonsingular, see
     ``reduced._solve_regularized``) and rounds of iterative refinement
     against J. None if the result misses the residual check (an
@@ -321,10 +322,9 @@ def _sparse_step(J, rhs):
                 and np.linalg.norm(J @ d - rhs) <= target)
 
     d = None
-    try:
-        d = spla.splu(J).solve(rhs)
-    except RuntimeError:   # exactly singular
-        pass
+    lu, singular = _adjoint.shifted_lu(J)
+    if not singular:
+        d = _adjoint.solve_shifted(lu, J, rhs)
     if good(d):
         return d
     delta = _reduced._REG * (1.0 + np.abs(J.data).max(initial=0.0))
