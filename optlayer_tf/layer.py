@@ -42,6 +42,23 @@ def _check_backend():
             "optlayer_torch.Layer with JAX or PyTorch.")
 
 
+def _warn_if_saving():
+    """UserWarning when traced for a SavedModel (model.export,
+    tf.saved_model.save): the solve is a Python callback, which the saved
+    graph cannot carry."""
+    try:
+        from tensorflow.python.saved_model import save_context
+    except ImportError:  # pragma: no cover - TensorFlow moved the module
+        return
+    if save_context.in_save_context():
+        warnings.warn(
+            "A SavedModel of optlayer_tf.Layer (model.export, "
+            "tf.saved_model.save) calls back into this Python process to "
+            "solve: its serving function fails once loaded in another "
+            "process. Build the model in code and restore its weights with "
+            "save_weights / load_weights.", UserWarning, stacklevel=2)
+
+
 # Registered so that keras.models.load_model finds the class and reports
 # from_config's explanation, not an unknown class.
 @keras.saving.register_keras_serializable(package="optlayer")
@@ -346,6 +363,7 @@ class Layer(keras.layers.Layer):
             outputs = [tf.constant(o, _CORE_DTYPE) for o in outputs]
             state = [tf.constant(s, _CORE_DTYPE) for s in state]
         else:
+            _warn_if_saving()
             flat = tf.numpy_function(
                 self._solve_numpy, list(values),
                 [_CORE_DTYPE] * (n_out + 3), name="optlayer_solve")

@@ -587,6 +587,20 @@ def test_loading_a_saved_model_explains_why_it_cannot(tmp_path):
         keras.models.load_model(path)
 
 
+def test_exporting_a_saved_model_warns_that_it_serves_only_here(tmp_path):
+    # model.export traces the layer for a SavedModel whose solve is a
+    # Python callback: the export warns (the serving function fails once
+    # loaded in another process); an ordinary tf.function does not.
+    model, _, _ = _sparsemax_model()
+    with pytest.warns(UserWarning, match=r"SavedModel.*another process"):
+        model.export(str(tmp_path / "exported"), verbose=False)
+    x = tf.constant(np.ones((2,) + tuple(model.inputs[0].shape[1:])),
+                    model.inputs[0].dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        tf.function(model)(x)
+
+
 def test_core_and_keras_options_are_routed():
     problem, params, variables = _nonneg_lsq()
     layer = optlayer_tf.Layer(problem, params, variables,
