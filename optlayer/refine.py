@@ -309,24 +309,20 @@ _SPARSE_SOLVE_TOL = 1e-9
 
 
 def _sparse_step(J, rhs):
-    """J d = rhs by a sparse LU (of J shifted by a tiny multiple of I and
-    refined, see ``adjoint.shifted_lu``); where J is singular (non-unique auxiliary
-    variables, say), by the LU of J + delta I (nonsingular, see
+    """J d = rhs by one sparse LU of J + delta I (nonsingular, see
     ``reduced._solve_regularized``) and rounds of iterative refinement
-    against J. None if the result misses the residual check (an
-    inconsistent system)."""
+    against J: where J is nonsingular they restore its exact solution,
+    where it is singular (non-unique auxiliary variables, say) they give
+    a solution of small norm. SuperLU never sees J itself, which may be
+    exactly singular (see ``adjoint.shifted_lu``). None if the result
+    misses the residual check (an inconsistent system, or J too
+    ill-conditioned for the shift)."""
     target = _SPARSE_SOLVE_TOL * np.linalg.norm(rhs)
 
     def good(d):
-        return (d is not None and np.all(np.isfinite(d))
+        return (np.all(np.isfinite(d))
                 and np.linalg.norm(J @ d - rhs) <= target)
 
-    d = None
-    lu, singular = _adjoint.shifted_lu(J)
-    if not singular:
-        d = _adjoint.solve_shifted(lu, J, rhs)
-    if good(d):
-        return d
     delta = _reduced._REG * (1.0 + np.abs(J.data).max(initial=0.0))
     try:
         lu = spla.splu(sp.csc_matrix(
@@ -334,7 +330,7 @@ def _sparse_step(J, rhs):
     except RuntimeError:  # pragma: no cover - J + delta I is nonsingular
         return None
     d = lu.solve(rhs)
-    for _ in range(3):
+    for _ in range(4):
         if good(d):
             return d
         d = d + lu.solve(rhs - J @ d)
