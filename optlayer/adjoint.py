@@ -189,9 +189,9 @@ def _adjoint_one_quadratic(A, b, c, x, y, s, gx, gy, gs, dims, P, Dk):
     Pq = sp.csc_matrix((Pv, (prows, pcols)), shape=(n, n))
     JT = sp.bmat([[Pq, -A.T], [Dk @ A, sp.identity(m) - Dk]], format="csc")
     r = None
-    lu, singular_lu = shifted_lu(JT)
+    solve, singular_lu = shifted_lu(JT)
     if not singular_lu:
-        r = solve_shifted(lu, JT, g)
+        r = solve(g)
         if not (np.all(np.isfinite(r)) and np.linalg.norm(JT @ r - g)
                 <= RESIDUAL_TOL * np.linalg.norm(g)):
             r = None
@@ -210,41 +210,43 @@ def _adjoint_one_quadratic(A, b, c, x, y, s, gx, gy, gs, dims, P, Dk):
 
 
 def shifted_lu(M):
-    """SuperLU's factorization of M, or of M + delta I (delta = LU_SHIFT
-    (1 + max |M|)) where M is structurally singular, and whether M is
-    singular (a pivot below _SINGULAR_PIVOT times the largest); None for
-    the LU where SuperLU fails.
+    """(solve, singular): a solver of M d = rhs by SuperLU, and whether M
+    is singular (an LU pivot below _SINGULAR_PIVOT times the largest, or
+    SuperLU's own report; solve is None then if there is no LU).
 
     On structurally singular matrices (the Jacobian of a quadratic program
     with a face of optima has empty columns) SuperLU did not raise but
-    aborted or crashed the process, now and then; the shift makes them
-    structurally nonsingular. It is not applied to other matrices: it
-    changes SuperLU's ordering (a 5,000-row LP Jacobian's LU took 1.4 s
-    instead of 0.6 s). Solutions with M itself come from
-    :func:`solve_shifted`.
+    aborted or crashed the process, now and then. Those are factored as
+    M + delta I, delta = LU_SHIFT (1 + max |M|), and their solves refined
+    against M; other matrices as they are (the shift changes SuperLU's
+    ordering: a 5,000-row LP Jacobian's LU took 1.4 s instead of 0.6 s).
     """
     M = sp.csc_matrix(M)
-    if structural_rank(M) < M.shape[0]:
+    shifted = structural_rank(M) < M.shape[0]
+    factor = M
+    if shifted:
         delta = LU_SHIFT * (1.0 + np.abs(M.data).max(initial=0.0))
-        M = sp.csc_matrix(M + delta * sp.identity(M.shape[0], format="csc"))
+        factor = sp.csc_matrix(
+            M + delta * sp.identity(M.shape[0], format="csc"))
     try:
-        lu = spla.splu(M)
+        lu = spla.splu(factor)
     except RuntimeError:  # exactly singular
         return None, True
     pivots = np.abs(lu.U.diagonal())
-    if pivots.size == 0:
-        return lu, False
-    return lu, not pivots.min() > _SINGULAR_PIVOT * pivots.max()
+    singular = pivots.size > 0 and not (
+        pivots.min() > _SINGULAR_PIVOT * pivots.max())
+    if not shifted:
+        return lu.solve, singular
 
+    def solve(rhs):
+        # Each round shrinks the error by about delta over M's smallest
+        # singular value.
+        d = lu.solve(rhs)
+        for _ in range(2):
+            d = d + lu.solve(rhs - M @ d)
+        return d
 
-def solve_shifted(lu, M, rhs, rounds=2):
-    """M d = rhs from the LU of M + delta I (:func:`shifted_lu`) and
-    rounds of iterative refinement against M (each shrinks the error by
-    about delta over M's smallest singular value)."""
-    d = lu.solve(rhs)
-    for _ in range(rounds):
-        d = d + lu.solve(rhs - M @ d)
-    return d
+    return solve, singular
 
 
 def _lsqr_checked(M, g):
@@ -274,14 +276,14 @@ def _solve_bordered(MT, z, pi, g):
          [sp.csc_matrix(pi.reshape(1, -1)), None]],
         format="csc",
     )
-    lu, singular = shifted_lu(K)
+    solve, singular = shifted_lu(K)
     if singular:
         # Numerically singular (seen: 1e-16 on degenerate programs, 4e-3
         # or more on the test problems): LU's answer then carries an
         # arbitrary component that changes the gradient, even when it
         # passes the residual check.
         return None
-    r = solve_shifted(lu, K, np.append(g, 0.0))[:N]
+    r = solve(np.append(g, 0.0))[:N]
     if np.all(np.isfinite(r)) and (
         np.linalg.norm(MT @ r - g) <= RESIDUAL_TOL * norm_g
     ):
@@ -610,8 +612,7 @@ def null_direction_gradients_sparse(A, x, y, s, gx, gy, gs, dims, P=None,
     Dk = cones.dproject(y - s, dims, dual=True)
     Pq = None if P is None else sp.csc_matrix(
         (P.values, (P.rows, P.cols)), shape=(n, n))
-    J = sp.bmat([[Pq if Pq is not None else sp.csc_matrix((n, n)),
-                  A.T @ Dk], [-A, sp.identity(m) - Dk]], format="csc")
+    J = _reduced.sparse_jacobian(A, Dk, Pq)
     size = 1.0 + np.abs(J.data).max(initial=0.0)
     try:
         lu = spla.splu(sp.csc_matrix(

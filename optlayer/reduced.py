@@ -68,6 +68,7 @@ check the result against J and fall back to the bordered systems.
 import typing
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.linalg.lapack import dgesv as _dgesv
 
 from optlayer import cones
@@ -885,6 +886,19 @@ def use_full(batch, n, m):
     """Whether a stack of ``batch`` programs takes the full Jacobian."""
     k = n + m
     return 0 < k <= FULL_SIZE and batch * k ** 3 <= FULL_WORK
+
+
+def sparse_jacobian(A, D, Pq=None, AT=None):
+    """:func:`full_jacobian` of one program, sparse (CSC): J = [[Pq, A'D],
+    [-A, I - D]] from the CSC A (m, n), D = DPi_{K*}(v) (m, m) and the
+    objective's quadratic term Pq (n, n; None for 0). ``AT``: A' if the
+    caller has it."""
+    m, n = A.shape
+    AT = A.T if AT is None else AT
+    if Pq is None:
+        Pq = sp.csc_matrix((n, n))
+    return sp.bmat([[Pq, AT @ D], [-A, sp.identity(m, format="csc") - D]],
+                   format="csc")
 
 
 def full_jacobian(Ad, P, Pq=None):

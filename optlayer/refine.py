@@ -309,20 +309,22 @@ _SPARSE_SOLVE_TOL = 1e-9
 
 
 def _sparse_step(J, rhs):
-    """J d = rhs by one sparse LU of J + delta I (nonsingular, see
-    ``reduced._solve_regularized``) and rounds of iterative refinement
-    against J: where J is nonsingular they restore its exact solution,
-    where it is singular (non-unique auxiliary variables, say) they give
-    a solution of small norm. SuperLU never sees J itself, which may be
-    exactly singular (see ``adjoint.shifted_lu``). None if the result
-    misses the residual check (an inconsistent system, or J too
-    ill-conditioned for the shift)."""
+    """J d = rhs by a sparse LU (``adjoint.shifted_lu``); where J is
+    singular (non-unique auxiliary variables, say), by the LU of J +
+    delta I (nonsingular, see ``reduced._solve_regularized``) and rounds
+    of iterative refinement against J. None if the result misses the
+    residual check (an inconsistent system)."""
     target = _SPARSE_SOLVE_TOL * np.linalg.norm(rhs)
 
     def good(d):
-        return (np.all(np.isfinite(d))
+        return (d is not None and np.all(np.isfinite(d))
                 and np.linalg.norm(J @ d - rhs) <= target)
 
+    solve, singular = _adjoint.shifted_lu(J)
+    if not singular:
+        d = solve(rhs)
+        if good(d):
+            return d
     delta = _reduced._REG * (1.0 + np.abs(J.data).max(initial=0.0))
     try:
         lu = spla.splu(sp.csc_matrix(
@@ -330,7 +332,7 @@ def _sparse_step(J, rhs):
     except RuntimeError:  # pragma: no cover - J + delta I is nonsingular
         return None
     d = lu.solve(rhs)
-    for _ in range(4):
+    for _ in range(3):
         if good(d):
             return d
         d = d + lu.solve(rhs - J @ d)
@@ -364,7 +366,6 @@ def refine_sparse(A, b, c, x, y, s, dims, tol=1e-12, max_steps=6,
     Pq = None if P is None else sp.csc_matrix(
         (P.values, (P.rows, P.cols)), shape=(n, n))
     AT = sp.csc_matrix(A.T)
-    eye = sp.identity(m, format="csc")
 
     def at(x, v):
         yv = cones.project(v, dims, dual=True)
@@ -387,7 +388,7 @@ def refine_sparse(A, b, c, x, y, s, dims, tol=1e-12, max_steps=6,
                               and not res <= give_up[1]):
             break
         D = cones.dproject(v, dims, dual=True)
-        J = sp.bmat([[Pq, AT @ D], [-A, eye - D]], format="csc")
+        J = _reduced.sparse_jacobian(A, D, Pq, AT)
         rhs = -np.concatenate([F1, F2])
         d = _sparse_step(J, rhs)
         if d is None:

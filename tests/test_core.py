@@ -1108,6 +1108,8 @@ def test_outputs_on_a_face_of_optima_warn_that_they_are_not_unique():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         _, gb = layer.vjp([av, bv], [av])
+    # 1e-9: the solution's KKT residual is about 1e-12; the adjoint's
+    # regularized solve of the singular system adds a few orders.
     _assert_close(gb, 1.0, 1e-9, "gradient of a'x in b")
     # Batched: only the elements on a face are named (b = 5 is beyond
     # the box's reach: the unique optimum is its corner).
@@ -1141,6 +1143,8 @@ def test_larger_programs_are_checked_for_non_unique_outputs(n):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         (grad,) = layer.vjp([av], [w])
+    # 1e-8: x = a is refined to about 1e-12, and the singular system (the
+    # epigraph variables) is solved regularized, losing a few orders.
     _assert_close(grad, w, 1e-8, "gradient of x = a")
 
 
@@ -1163,6 +1167,8 @@ def test_duals_of_redundant_constraints_warn_that_they_are_not_unique():
         warnings.simplefilter("always")
         (grad,) = layer.vjp([cv], [np.array(1.0), np.array(1.0)])
     assert not [w for w in caught if "requested outputs" in str(w.message)]
+    # 1e-8: as above, a singular system solved regularized from a point
+    # refined to about 1e-12.
     _assert_close(grad, [-1.0, 0.0, 0.0], 1e-8, "gradient of the sum")
 
 
@@ -1587,6 +1593,8 @@ def test_duals_of_vectorized_cone_constraints(kind):
     problem, a, value, con = _vectorized_cone(kind)
     got = _check_duals(problem, a, value, con, ("vectorized_cone_duals", kind),
                        1e-5)
+    # The closed forms hold at the refined point to its KKT residual,
+    # about 1e-12: 1e-9 leaves margin.
     if kind.startswith("SOC"):
         coef = np.outer(value, np.ones(4))
         want = coef if kind == "SOC0" else coef.T
@@ -1830,6 +1838,8 @@ def test_problems_the_presolve_empties(presolve, objective):
     batch = np.stack([value, -value])
     weights = np.array([[1.0, 2, 3, 4], [0, 1, 0, 1]])
     for v, w in [(value, np.ones(4)), (batch, weights)]:
+        # With the presolve no program is solved (rounding only); without
+        # it the equality-only program is refined to about 1e-12.
         (sol,) = layer(v)
         _assert_close(sol, k * v, 1e-9, "solution")
         (grad,) = layer.vjp([v], [w])

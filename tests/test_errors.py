@@ -55,8 +55,8 @@ def test_not_dpp():
     p = cp.Parameter(pos=True, name="p")
     problem = cp.Problem(cp.Minimize(cp.sum_squares(x) + cp.quad_over_lin(
         x, p) + cp.norm1(x - a)))
-    with pytest.raises(ValueError, match=r"the objective \(in: "
-                       r"quad_over_lin\(var\d+, p, None, False\)\) is not DPP"):
+    with pytest.raises(ValueError, match=r"the objective \(in: quad_over_"
+                       r"lin\(var\d+, p, None, False\)\) is not DPP"):
         optlayer.Layer(problem, [a, p], [x])
 
 
